@@ -1,0 +1,227 @@
+"""Helix configuration: one object, three spellings, one validation.
+
+A Helix layout re-shards the same N ranks twice per layer: attention runs on a
+KVP x TPA grid (KV cache split along the sequence KVP ways, heads split TPA ways),
+the FFN on a TPF x EP grid. The same :class:`HelixConfig` comes from a ``--helix``
+string (``kvp=4,tpa=2,tpf=8,ep=1,hopb=2``), a YAML file (``configs/*.yaml``) or a
+dict (vLLM's ``additional_config["helix"]``); all three go through
+:meth:`HelixConfig.from_dict`, so they cannot drift apart.
+
+Validation needs the world size and the model's shape, which are only known at
+start-up; :meth:`HelixConfig.validate` raises a :class:`HelixConfigError` naming
+the violated constraint, the offending values and a layout that would work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+_INT_FIELDS = ("kvp", "tpa", "tpf", "ep", "hopb", "stripe")
+
+
+class HelixConfigError(ValueError):
+    """A Helix option violates a constraint; the message names the constraint and a fix."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few facts about a model that constrain a Helix layout.
+
+    ``num_kv_heads`` is 1 for MLA (the compressed latent is one KV head shared by
+    every query head). ``num_experts`` is 0 for dense models.
+    """
+
+    num_q_heads: int
+    num_kv_heads: int
+    is_mla: bool = False
+    num_experts: int = 0
+    moe_intermediate_size: int = 0
+    block_size: int = 16
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class HelixConfig:
+    """A Helix layout.
+
+    Attributes:
+        kvp: KV-parallel width: ranks that split each sequence's KV cache.
+        tpa: tensor parallelism in attention (query/KV heads split this many ways).
+        tpf: tensor parallelism in the FFN; defaults to ``kvp * tpa // ep``.
+        ep: expert parallelism in MoE FFN layers; defaults to 1.
+        hopb: HOP-B micro-batches per decode step; 1 turns the overlap off.
+        stripe: tokens per KV stripe placed on one KVP rank before moving to the
+            next; ``None`` means "the KV block size" (whole blocks per rank).
+    """
+
+    kvp: int = 1
+    tpa: int = 1
+    tpf: int | None = None
+    ep: int = 1
+    hopb: int = 1
+    stripe: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in ("tpf", "stripe"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise HelixConfigError(
+                    f"helix option {name}={value!r} must be a positive integer "
+                    f"(e.g. {name}=1)"
+                )
+        if self.tpf is None:
+            if self.world_size % self.ep:
+                raise HelixConfigError(
+                    f"ep={self.ep} does not divide kvp*tpa={self.world_size}, so tpf "
+                    f"cannot default to kvp*tpa/ep; pick ep among "
+                    f"{_divisors(self.world_size)} or give tpf explicitly"
+                )
+            object.__setattr__(self, "tpf", self.world_size // self.ep)
+        if self.tpf * self.ep != self.world_size:
+            raise HelixConfigError(
+                f"tpf*ep must equal kvp*tpa (the same ranks run attention and FFN): "
+                f"tpf={self.tpf} * ep={self.ep} = {self.tpf * self.ep} but "
+                f"kvp={self.kvp} * tpa={self.tpa} = {self.world_size}; e.g. "
+                f"tpf={self.world_size // self.ep if self.world_size % self.ep == 0 else self.world_size},"
+                f"ep={self.ep if self.world_size % self.ep == 0 else 1}"
+            )
+
+    # ----------------------------------------------------------------- spellings
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "HelixConfig":
+        """Build from a mapping (``additional_config["helix"]``, parsed YAML or CLI)."""
+        if not isinstance(options, Mapping):
+            raise HelixConfigError(
+                f"helix options must be a mapping like {{'kvp': 2, 'tpa': 1}}, got "
+                f"{type(options).__name__}"
+            )
+        unknown = sorted(set(options) - set(_INT_FIELDS))
+        if unknown:
+            raise HelixConfigError(
+                f"unknown helix option(s) {unknown}; valid options are "
+                f"{', '.join(_INT_FIELDS)}"
+            )
+        return cls(**{key: options[key] for key in options})
+
+    @classmethod
+    def parse(cls, text: str) -> "HelixConfig":
+        """Parse the ``--helix`` string ``kvp=4,tpa=2,tpf=8,ep=1,hopb=2``."""
+        options: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not raw.strip():
+                raise HelixConfigError(
+                    f"cannot parse helix option {item!r}: expected key=value, e.g. "
+                    f"--helix kvp=2,tpa=1"
+                )
+            if key in options:
+                raise HelixConfigError(f"helix option {key!r} is given twice in {text!r}")
+            try:
+                options[key] = int(raw.strip())
+            except ValueError:
+                raise HelixConfigError(
+                    f"helix option {key}={raw.strip()!r} must be an integer"
+                ) from None
+        return cls.from_dict(options)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "HelixConfig":
+        """Load a preset; the file holds the options at top level or under ``helix:``."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise HelixConfigError(f"helix config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as err:
+            raise HelixConfigError(f"helix config file {str(path)!r} is not valid YAML: {err}") from None
+        if isinstance(data, Mapping) and "helix" in data:
+            data = data["helix"]
+        return cls.from_dict(data if data is not None else {})
+
+    def to_dict(self) -> dict[str, int]:
+        """The dict form (round-trips through :meth:`from_dict`); unset stripe is omitted."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def to_cli(self) -> str:
+        """The ``--helix`` string form (round-trips through :meth:`parse`)."""
+        return ",".join(f"{k}={v}" for k, v in self.to_dict().items())
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def world_size(self) -> int:
+        """Ranks in one Helix instance: ``kvp * tpa`` (== ``tpf * ep``)."""
+        return self.kvp * self.tpa
+
+    def stripe_for(self, block_size: int) -> int:
+        """Tokens per stripe for a KV cache of ``block_size``-token blocks."""
+        return block_size if self.stripe is None else self.stripe
+
+    # -------------------------------------------------------------- validation
+    def validate(self, world_size: int, model: ModelShape) -> "HelixConfig":
+        """Check this layout against the workers and the model; return self.
+
+        Raises :class:`HelixConfigError` for the first violated constraint, with
+        the values and a working alternative.
+        """
+        if self.world_size != world_size:
+            raise HelixConfigError(
+                f"kvp*tpa must equal the number of workers: kvp={self.kvp} * "
+                f"tpa={self.tpa} = {self.world_size} but there are {world_size} workers; "
+                f"e.g. kvp={world_size // self.tpa if world_size % self.tpa == 0 else world_size},"
+                f"tpa={self.tpa if world_size % self.tpa == 0 else 1}"
+            )
+        if model.is_mla and self.tpa != 1:
+            raise HelixConfigError(
+                f"MLA models have one latent KV head, so tpa must be 1 (got tpa={self.tpa}); "
+                f"use kvp={world_size},tpa=1"
+            )
+        if model.num_kv_heads % self.tpa:
+            valid = [d for d in _divisors(model.num_kv_heads) if world_size % d == 0]
+            qualifier = "exceeds" if self.tpa > model.num_kv_heads else "does not divide"
+            raise HelixConfigError(
+                f"tpa={self.tpa} {qualifier} the model's {model.num_kv_heads} KV heads "
+                f"(tpa must divide the KV heads); use tpa in {valid}, e.g. "
+                f"kvp={world_size // max(valid)},tpa={max(valid)}"
+            )
+        if model.num_q_heads % world_size:
+            raise HelixConfigError(
+                f"the model's {model.num_q_heads} query heads must split evenly over "
+                f"kvp*tpa={world_size} ranks after the all-to-all; use a world size in "
+                f"{[d for d in _divisors(model.num_q_heads) if d > 1]}"
+            )
+        if model.num_experts:
+            if model.num_experts % self.ep:
+                valid = [d for d in _divisors(model.num_experts) if world_size % d == 0]
+                raise HelixConfigError(
+                    f"ep={self.ep} does not divide the model's {model.num_experts} experts; "
+                    f"use ep in {valid}"
+                )
+            if model.moe_intermediate_size and model.moe_intermediate_size % self.tpf:
+                raise HelixConfigError(
+                    f"tpf={self.tpf} does not divide the expert intermediate size "
+                    f"{model.moe_intermediate_size}; use a larger ep so tpf=kvp*tpa/ep divides it"
+                )
+        elif self.ep != 1:
+            raise HelixConfigError(
+                f"ep={self.ep} needs a mixture-of-experts model, but this model is dense; "
+                f"use ep=1,tpf={world_size}"
+            )
+        stripe = self.stripe_for(model.block_size)
+        if model.block_size % stripe:
+            raise HelixConfigError(
+                f"stripe={stripe} must divide the KV block size {model.block_size} "
+                f"(a block then holds whole stripes of one rank); use stripe in "
+                f"{_divisors(model.block_size)}"
+            )
+        return self
