@@ -1,0 +1,27 @@
+"""Helix attention: per-shard decode with LSE, the exact combine, the KVP exchange, HOP-B.
+
+One decode step on one rank (shapes for batch B, H query heads, N = kvp * tpa):
+
+1. ``paged_decode`` / ``paged_decode_mla`` (or the FlashInfer decoders on CUDA):
+   queries ``[B, H/TPA, D]`` against this rank's KV shard -> partial
+   ``out [B, H/TPA, Dv]`` and ``lse [B, H/TPA]``.
+2. ``KVPExchange``: one all-to-all over the KVP group -> ``[kvp, B, H/N, Dv]``.
+3. ``merge_attention_states``: exact rescale-and-sum -> ``[B, H/N, Dv]``.
+
+``helix_decode`` runs 1-3 with HOP-B micro-batching.
+"""
+
+from vllm_helix.attention.exchange import KVPExchange, PendingExchange
+from vllm_helix.attention.hopb import helix_decode, micro_batch_bounds
+from vllm_helix.attention.merge import merge_attention_states
+from vllm_helix.attention.paged_decode import paged_decode, paged_decode_mla
+
+__all__ = [
+    "KVPExchange",
+    "PendingExchange",
+    "helix_decode",
+    "merge_attention_states",
+    "micro_batch_bounds",
+    "paged_decode",
+    "paged_decode_mla",
+]

@@ -1,0 +1,54 @@
+"""The exact combine of partial attention states.
+
+Attention over a sequence split into shards is recovered exactly from each
+shard's normalised output ``o_s`` and log-sum-exp ``lse_s`` (natural log):
+
+    lse = log(sum_s exp(lse_s)),      o = sum_s exp(lse_s - lse) * o_s
+
+computed with the running maximum subtracted so nothing overflows. An empty shard
+has ``lse_s = -inf`` and weight exactly 0; a row whose shards are all empty yields
+zeros and ``-inf`` rather than the NaN a naive ``0/0`` would give.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, float64 stays float64: the combine never loses precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def merge_attention_states(
+    outputs: torch.Tensor, lses: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``S`` partial attention states into the exact result.
+
+    Args:
+        outputs: ``[S, T, H, D]`` per-shard normalised attention outputs.
+        lses: ``[S, T, H]`` per-shard log-sum-exp of the scaled scores (natural log).
+
+    Returns:
+        ``(out [T, H, D], lse [T, H])`` in the dtypes of ``outputs`` and ``lses``,
+        accumulated in float32 (float64 for float64 inputs).
+    """
+    if outputs.dim() != 4 or lses.shape != outputs.shape[:3]:
+        raise ValueError(
+            f"expected outputs [S, T, H, D] and lses [S, T, H], got "
+            f"{tuple(outputs.shape)} and {tuple(lses.shape)}"
+        )
+    acc = accumulation_dtype(torch.promote_types(outputs.dtype, lses.dtype))
+    lse = lses.to(acc)
+    row_max = lse.amax(dim=0)
+    # An all-empty row has max -inf; shift by 0 there so weights are exp(-inf) = 0.
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(lse - shift)
+    total = weights.sum(dim=0)
+    nonempty = total > 0
+    merged = torch.einsum("sth,sthd->thd", weights, outputs.to(acc))
+    merged = merged / torch.where(nonempty, total, torch.ones_like(total))[..., None]
+    merged_lse = torch.where(
+        nonempty, shift + torch.log(total), torch.full_like(total, float("-inf"))
+    )
+    return merged.to(outputs.dtype), merged_lse.to(lses.dtype)

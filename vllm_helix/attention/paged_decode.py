@@ -1,0 +1,125 @@
+"""Per-shard decode attention over a paged KV cache, returning the log-sum-exp.
+
+The torch implementation is the CPU production path and the reference every
+faster kernel is tested against. It runs on any device, accumulates in float32
+(float64 for float64 inputs), and returns the natural-log LSE that the Helix
+combine needs. A sequence whose shard is empty (local length 0) returns zeros and
+``lse = -inf``, so it weighs nothing in the combine.
+
+Cache layouts follow vLLM:
+    GQA/MHA: K and V ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+    MLA: one latent cache ``[num_blocks, block_size, kv_lora_rank + rope_dim]``;
+    the query is the absorbed query ``[batch, heads, kv_lora_rank + rope_dim]``
+    (``q_nope @ W_UK`` next to ``q_pe``) and the values are the first
+    ``kv_lora_rank`` latent dims, so MLA decode is MQA with a 576-dim key and a
+    512-dim value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_helix.attention.merge import accumulation_dtype
+
+
+def _read_sequence(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence's shard, in order: ``[length, ...]``."""
+    num_blocks = -(-length // cache.shape[1])
+    return cache[block_row[:num_blocks].to(torch.int64)].flatten(0, 1)[:length]
+
+
+def _decode(
+    query: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    read_kv,
+    head_dim_v: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode each sequence on its own, reading exactly its tokens.
+
+    One sequence at a time, rather than a padded batch, makes every result
+    independent of what else is in the batch (bitwise: HOP-B micro-batching
+    cannot change a number) and never touches a slot past a sequence's end.
+    ``read_kv(block_row, length)`` returns ``(keys, values)`` as
+    ``[length, kv_heads, dim]``.
+    """
+    batch, num_heads, _ = query.shape
+    acc = accumulation_dtype(query.dtype)
+    out = torch.zeros(batch, num_heads, head_dim_v, dtype=acc, device=query.device)
+    lse = torch.full((batch, num_heads), float("-inf"), dtype=acc, device=query.device)
+    for row, length in enumerate(seq_lens.tolist()):
+        if length == 0:  # empty shard: weight 0 in the combine
+            continue
+        keys, values = read_kv(block_table[row], length)
+        num_kv_heads = keys.shape[1]
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+        # [kv_heads, group, dim] x [kv_heads, dim, len] -> [kv_heads, group, len]
+        q = query[row].to(acc).view(num_kv_heads, num_heads // num_kv_heads, -1)
+        scores = torch.matmul(q, keys.to(acc).permute(1, 2, 0)) * scale
+        row_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - row_lse[..., None])
+        out[row] = torch.matmul(probs, values.to(acc).transpose(0, 1)).reshape(num_heads, head_dim_v)
+        lse[row] = row_lse.reshape(num_heads)
+    return out.to(query.dtype), lse
+
+
+def paged_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query token per sequence against its paged KV shard.
+
+    Args:
+        query: ``[batch, num_heads, head_dim]``.
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        value_cache: ``[num_blocks, block_size, num_kv_heads, head_dim_v]``.
+        block_table: ``[batch, max_blocks]`` block ids of each sequence's shard.
+        seq_lens: ``[batch]`` tokens of each sequence in this shard (may be 0).
+        scale: softmax scale applied to ``q . k``.
+
+    Returns:
+        ``(out [batch, num_heads, head_dim_v]`` in the query's dtype,
+        ``lse [batch, num_heads]`` natural log in the accumulation dtype).
+        Query head ``h`` attends KV head ``h // (num_heads // num_kv_heads)``.
+    """
+
+    def read_kv(block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _read_sequence(key_cache, block_row, length), _read_sequence(
+            value_cache, block_row, length
+        )
+
+    return _decode(query, block_table, seq_lens, scale, read_kv, value_cache.shape[-1])
+
+
+def paged_decode_mla(
+    query: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA decode with the absorbed query: returns ``([batch, heads, kv_lora_rank], lse)``.
+
+    Args:
+        query: ``[batch, num_heads, kv_lora_rank + rope_dim]`` absorbed query.
+        latent_cache: ``[num_blocks, block_size, kv_lora_rank + rope_dim]``.
+        kv_lora_rank: latent dims that double as the value (512 for DeepSeek).
+    """
+    if query.shape[-1] != latent_cache.shape[-1]:
+        raise ValueError(
+            f"absorbed query dim {query.shape[-1]} != latent cache dim {latent_cache.shape[-1]}"
+        )
+
+    def read_kv(block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # One latent KV head shared by every query head; read once, used as K and V.
+        latent = _read_sequence(latent_cache, block_row, length).unsqueeze(1)
+        return latent, latent[..., :kv_lora_rank]
+
+    return _decode(query, block_table, seq_lens, scale, read_kv, kv_lora_rank)
