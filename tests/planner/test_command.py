@@ -1,0 +1,129 @@
+"""`vllm-helix plan` end to end: tables, JSON, commands, plots and clean errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_helix.cli import main
+from vllm_helix.planner.command import parse_tokens
+from vllm_helix.planner.errors import PlannerError
+from vllm_helix.planner.layouts import Layout
+
+HELIX_COMMAND = re.compile(r"^vllm-helix serve \S+ --helix kvp=\d+,tpa=\d+,tpf=\d+,ep=\d+,hopb=\d+$")
+
+
+def _plan(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["plan", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_parse_tokens() -> None:
+    assert parse_tokens("1M") == 1048576 and parse_tokens("128K") == 131072 and parse_tokens("4096") == 4096
+    assert parse_tokens("1.5k") == 1536
+    for bad in ("1x", "0", "-4", "0.5"):
+        with pytest.raises(PlannerError):
+            parse_tokens(bad)
+
+
+def test_serve_commands() -> None:
+    helix = Layout("helix", kvp=4, tpa=2, tpf=8, ep=1, hopb=True)
+    assert helix.serve_command("m", 2) == "vllm-helix serve m --helix kvp=4,tpa=2,tpf=8,ep=1,hopb=2"
+    assert Layout("tp", tpa=8, tpf=8).serve_command("m") == "vllm serve m --tensor-parallel-size 8"
+    assert (Layout("tp_pp", tpa=4, pp=2, tpf=1, ep=4).serve_command("m")
+            == "vllm serve m --tensor-parallel-size 4 --pipeline-parallel-size 2 --enable-expert-parallel")
+    assert (Layout("dp_ep", dpa=8, tpf=1, ep=8).serve_command("m")
+            == "vllm serve m --data-parallel-size 8 --enable-expert-parallel")
+    assert Layout("kvp", kvp=2, tpa=4, tpf=4).serve_command("m") is None
+    with pytest.raises(PlannerError, match="tpf\\*ep=4 must cover 8 GPUs"):
+        Layout("helix", kvp=4, tpa=2, tpf=4)
+
+
+def test_paper_setting_recommends_helix(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _plan(capsys, "--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--weight-dtype",
+                         "fp4", "--ttl-ms", "5", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    best = plan["best"]
+    assert best["family"] == "Helix" and best["ttl_ms"] <= 5
+    assert HELIX_COMMAND.match(best["command"]) and "deepseek-ai/DeepSeek-R1" in best["command"]
+    assert plan["points_priced"] > 10_000
+    assert abs(sum(best["breakdown_ms"].values()) - best["ttl_ms"]) < 1e-9
+    assert {"Helix", "TP", "DP attn + EP"} <= set(plan["best_per_strategy"])
+
+
+def test_table_output_for_a_users_config_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model_dir = tmp_path / "my-gqa-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "llama", "torch_dtype": "bfloat16", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256}))
+    code, out, _ = _plan(capsys, "--model", str(model_dir), "--hardware", "h100-sxm", "--context", "128K",
+                         "--ttl-ms", "20")
+    assert code == 0
+    assert "Best point per strategy" in out and "Top " in out and "Recommended:" in out
+    serve = [line for line in out.splitlines() if line.strip().startswith("serve:")]
+    assert serve and str(model_dir) in serve[0]
+
+
+def test_tiny_twin_presets_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("tiny-llama", "tiny-deepseek-v3"):
+        code, out, _ = _plan(capsys, "--model", name, "--hardware", "h100-sxm", "--gpus", "4", "--context", "4K",
+                             "--json")
+        assert code == 0 and json.loads(out)["best"]["command"]
+
+
+def test_single_helix_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-405b", "--context", "1M", "--weight-dtype", "fp4",
+                         "--helix", "kvp=8,tpa=8,hopb=4", "--json")
+    assert code == 0
+    best = json.loads(out)["best"]
+    assert best["layout"]["kvp"] == 8 and best["layout"]["tpa"] == 8 and best["gpus"] == 64
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope"], "model 'nope' not found"),
+    (["--model", "llama-3.1-405b", "--helix", "kvp=4,tpa=16"], "tpa=16 exceeds the model's 8 KV heads"),
+    (["--model", "llama-3.1-405b", "--helix", "kvp=3,tpa=1"], "128 query heads must split evenly"),
+    (["--model", "llama-3.1-405b", "--hardware", "h100-sxm", "--context", "16M"], "fits on no layout"),
+    (["--model", "llama-3.1-405b", "--hardware", "h100-sxm", "--weight-dtype", "fp4"], "no fp4 FLOP rate"),
+    (["--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--ttl-ms", "0.01"], "no layout reaches TTL"),
+    (["--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--gpus", "0"], "GPU range 1..0 is empty"),
+    (["--model", "llama-3.1-8b", "--context", "1 token"], "cannot read token count"),
+    (["--model", "llama-3.1-8b", "--isl", "1K"], "needs all of --isl, --osl, --rate and --ttl-ms"),
+    (["--model", "llama-3.1-405b", "--helix", "kvp=8,tpa=8", "--gpus", "8"], "needs 64 GPUs but --gpus is 8"),
+    (["--model", "llama-3.1-8b", "--batch", "1,x"], "must be comma-separated integers"),
+])
+def test_bad_input_exits_2_with_one_clear_line(capsys: pytest.CaptureFixture[str], args: list[str],
+                                               message: str) -> None:
+    code, out, err = _plan(capsys, *args)
+    assert code == 2 and out == ""
+    assert message in err and "Traceback" not in err and err.startswith("vllm-helix plan: error:")
+
+
+def test_plot_is_written(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    png = tmp_path / "frontier.png"
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-70b", "--hardware", "h200", "--context", "128K",
+                         "--ttl-ms", "30", "--plot", str(png))
+    assert code == 0 and f"plot: {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, _, err = _plan(capsys, "--model", "tiny-llama", "--hardware", "h100-sxm", "--gpus", "2",
+                         "--plot", str(tmp_path / "x.png"))
+    assert code == 2 and "pip install vllm-helix[plot]" in err
+
+
+def test_disaggregation_section(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-70b", "--hardware", "h200", "--weight-dtype", "fp8",
+                         "--context", "16K", "--ttl-ms", "30", "--isl", "16K", "--osl", "2K", "--rate", "5")
+    assert code == 0
+    assert "Disaggregated serving of ISL 16384 / OSL 2048 at 5 req/s" in out and "prefill:decode =" in out

@@ -1,0 +1,266 @@
+"""`vllm-helix plan`: pick the decode layout for a model, GPUs, context and TTL budget.
+
+Prices every TP, TP x PP, DP-attention + EP, Medha-style KVP and Helix layout on
+1..N GPUs at every batch size with the roofline cost model, prints the best point
+of each strategy, a ranked table, the recommendation with its per-term breakdown
+and the exact serve command; optionally JSON, a Pareto plot and a
+disaggregated-serving sizing. Bad input prints one ``error:`` line and exits 2.
+
+Everything beyond argparse is imported inside :func:`run` so ``vllm-helix --help``
+stays instant (numpy is the heaviest import, matplotlib only for ``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_helix.planner.disagg import DisaggregationPlan
+    from vllm_helix.planner.hardware_spec import HardwareSpec
+    from vllm_helix.planner.model_spec import ModelSpec
+    from vllm_helix.planner.recommend import PlanPoint
+    from vllm_helix.planner.search import SearchResult
+
+HELP = "pick the Helix (or baseline) decode layout for a model, GPUs, context and TTL budget"
+
+_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_tokens(text: str) -> int:
+    """Token counts with binary suffixes, as context windows are quoted: 128K = 131072, 1M = 1048576."""
+    from vllm_helix.planner.errors import PlannerError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", str(text))
+    if not match:
+        raise PlannerError(f"cannot read token count {text!r}; write e.g. 4096, 128K or 1M")
+    value = float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
+    if value < 1 or value != int(value):
+        raise PlannerError(f"token count {text!r} must be a whole number >= 1")
+    return int(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="preset (deepseek-r1, llama-3.1-405b, ...), a config.json, a model directory "
+                             "or a preset YAML")
+    parser.add_argument("--hardware", default="gb200-nvl72",
+                        help="preset under configs/hardware (gb200-nvl72, b200, h200, h100-sxm, ...) or a YAML")
+    parser.add_argument("--context", default="128K", help="KV history per sequence, e.g. 32768, 128K, 1M")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPU budget N: layouts on 1..N GPUs (default: one scale-up domain)")
+    parser.add_argument("--ttl-ms", type=float, default=None,
+                        help="token-to-token latency budget; without it the fastest layout is chosen")
+    parser.add_argument("--batch", default=None,
+                        help="batch sizes to price, e.g. 1,8,64 (default: 1..65536, 4 per octave)")
+    parser.add_argument("--strategies", default="tp,tp_pp,dp_ep,kvp,helix",
+                        help="comma list among tp, tp_pp, dp_ep, kvp (Medha), helix")
+    parser.add_argument("--helix", default=None,
+                        help="price only this Helix layout, e.g. kvp=8,tpa=8,tpf=64,ep=1,hopb=4 "
+                             "(hopb > 1 turns HOP-B on; the planner picks the micro-batch count)")
+    for part in ("weight", "kv", "compute"):
+        parser.add_argument(f"--{part}-dtype", default=None,
+                            help=f"{part} format: fp4, fp8, bf16, fp32 (default: the checkpoint's format)")
+    parser.add_argument("--act-dtype", default="bf16", help="activations on the wire (default bf16)")
+    parser.add_argument("--top", type=int, default=10, help="rows of the ranked table")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="draw the Pareto frontiers to this file")
+    parser.add_argument("--isl", default=None, help="disaggregation: prompt length (e.g. 16K)")
+    parser.add_argument("--osl", default=None, help="disaggregation: output length (e.g. 2K)")
+    parser.add_argument("--rate", type=float, default=None, help="disaggregation: requests per second")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_helix.config import HelixConfigError
+    from vllm_helix.planner.errors import PlannerError
+
+    try:
+        plan = make_plan(args)
+        if args.plot:
+            from vllm_helix.planner.plots import plot_frontiers
+
+            plot_frontiers(plan.result, args.plot, highlight=plan.best, ttl_budget=plan.ttl_budget)
+    except (PlannerError, HelixConfigError) as err:
+        print(f"vllm-helix plan: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan_json(plan, args), indent=2) if args.json else "\n".join(plan_text(plan, args)))
+    return 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one `plan` invocation computed."""
+
+    model: "ModelSpec"
+    hardware: "HardwareSpec"
+    gpus: int
+    ttl_budget: float | None
+    result: "SearchResult"
+    best: "PlanPoint"
+    ranked: list["PlanPoint"]
+    per_family: dict[str, "PlanPoint"]
+    disaggregation: "DisaggregationPlan | None"
+    seconds: float
+
+    @property
+    def model_ref(self) -> str:
+        return self.model.source or self.model.name
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Resolve the inputs, price the layouts, pick the answer (raises PlannerError/HelixConfigError)."""
+    import numpy as np
+
+    from vllm_helix.planner.cost import Workload
+    from vllm_helix.planner.disagg import TrafficMix, plan_disaggregation
+    from vllm_helix.planner.errors import PlannerError
+    from vllm_helix.planner.hardware_spec import load_hardware
+    from vllm_helix.planner.model_spec import load_model
+    from vllm_helix.planner.precision import Precision
+    from vllm_helix.planner.recommend import best_per_family, best_points, recommend
+    from vllm_helix.planner.search import search
+
+    started = time.perf_counter()
+    model = load_model(args.model)
+    hardware = load_hardware(args.hardware)
+    weights = args.weight_dtype or model.dtype
+    precision = Precision(weights, args.kv_dtype or weights, args.compute_dtype or weights, args.act_dtype)
+    hardware.flop_rate(precision.compute)  # fail early on e.g. fp4 on H100
+    work = Workload(parse_tokens(args.context), precision)
+    ttl_budget = None if args.ttl_ms is None else args.ttl_ms / 1e3
+    if ttl_budget is not None and ttl_budget <= 0:
+        raise PlannerError(f"--ttl-ms must be positive, got {args.ttl_ms}")
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    batches = None
+    if args.batch:
+        try:
+            batches = np.array([int(b) for b in args.batch.split(",") if b.strip()])
+        except ValueError:
+            raise PlannerError(f"--batch {args.batch!r} must be comma-separated integers, e.g. 1,8,64") from None
+    gpus = hardware.gpus_per_domain if args.gpus is None else args.gpus
+    if args.helix:
+        layout = _helix_layout(args.helix, model)
+        gpus = layout.gpus if args.gpus is None else gpus
+        if gpus < layout.gpus:
+            raise PlannerError(f"--helix {args.helix} needs {layout.gpus} GPUs but --gpus is {gpus}")
+        result = search(model, hardware, work, layout.gpus, batches, layouts=[layout])
+    else:
+        result = search(model, hardware, work, gpus, batches, strategies)
+    best, ranked = recommend(result, ttl_budget)
+    disaggregation = None
+    if args.isl or args.osl or args.rate:
+        if not (args.isl and args.osl and args.rate and ttl_budget):
+            raise PlannerError("disaggregation needs all of --isl, --osl, --rate and --ttl-ms")
+        mix = TrafficMix(parse_tokens(args.isl), parse_tokens(args.osl), args.rate)
+        disaggregation = plan_disaggregation(model, hardware, precision, mix, ttl_budget, gpus, strategies, batches)
+    return Plan(model, hardware, gpus, ttl_budget, result, best, ranked,
+                best_per_family(best_points(result, ttl_budget)), disaggregation, time.perf_counter() - started)
+
+
+def _helix_layout(spec: str, model: "ModelSpec") -> Any:
+    """The one Layout named by ``--helix``, checked like `vllm-helix serve` checks it."""
+    from vllm_helix.config import HelixConfig
+    from vllm_helix.planner.layouts import Layout, helix_shape
+
+    config = HelixConfig.parse(spec)
+    config.validate(config.world_size, helix_shape(model))
+    return Layout("helix", tpa=config.tpa, kvp=config.kvp, tpf=config.tpf, ep=config.ep, hopb=config.hopb > 1)
+
+
+# ------------------------------------------------------------------- output
+def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    from vllm_helix.planner.energy import energy_of
+
+    ref = plan.model_ref
+    work = plan.result.workload
+    payload: dict[str, Any] = {
+        "model": plan.model.name, "hardware": plan.hardware.name, "context": work.context, "gpus": plan.gpus,
+        "precision": work.precision.__dict__, "ttl_budget_ms": args.ttl_ms,
+        "points_priced": plan.result.num_points, "seconds": plan.seconds,
+        "best": {**plan.best.as_dict(ref), "tokens_per_joule": energy_of(plan.best, plan.hardware).tokens_per_joule,
+                 "replicas": plan.gpus // plan.best.layout.gpus},
+        "best_per_strategy": {family: p.as_dict(ref) for family, p in plan.per_family.items()},
+        "ranked": [p.as_dict(ref) for p in plan.ranked[: args.top]],
+    }
+    d = plan.disaggregation
+    if d is not None:
+        payload["disaggregation"] = {
+            "isl": d.mix.input_len, "osl": d.mix.output_len, "rate": d.mix.rate,
+            "prefill_tp": d.prefill.gpus, "prefill_ms": d.prefill.seconds * 1e3, "prefill_gpus": d.prefill_gpus,
+            "decode": d.decode.as_dict(ref), "decode_gpus": d.decode_gpus,
+            "prefill_to_decode": d.prefill_to_decode, "aggregated_gpus": d.aggregated_gpus,
+            "pays": d.pays, "gain": d.gain,
+        }
+    if args.plot:
+        payload["plot"] = args.plot
+    return payload
+
+
+def _table(points: list["PlanPoint"], title: str) -> list[str]:
+    lines = [title, f"{'#':>3} {'strategy':18} {'layout':36} {'GPUs':>4} {'batch':>6} {'TTL ms':>8} "
+                    f"{'tok/s/user':>10} {'tok/s/GPU':>10} {'GB/GPU':>7}"]
+    for i, p in enumerate(points, 1):
+        hopb = f",hopb={p.micro_batches}" if p.layout.hopb else ""
+        lines.append(f"{i:>3} {p.layout.family:18} {p.layout.describe() + hopb:36} {p.layout.gpus:>4} "
+                     f"{p.batch:>6} {p.ttl * 1e3:8.3f} {p.tokens_per_s_per_user:10.1f} "
+                     f"{p.tokens_per_s_per_gpu:10.2f} {p.memory_per_gpu / 1e9:7.1f}")
+    return lines
+
+
+def _terms_text(terms: dict[str, float]) -> str:
+    return " | ".join(f"{name.replace('_', ' ')} {value * 1e3:.3f}" for name, value in terms.items()
+                      if abs(value) >= 5e-7)
+
+
+def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
+    from vllm_helix.planner.energy import energy_of
+
+    best, work = plan.best, plan.result.workload
+    budget = plan.ttl_budget
+    lines = [
+        f"vllm-helix plan: {plan.model.describe()}",
+        f"  on {plan.hardware.describe()}",
+        f"  context {work.context:,} tokens; {work.precision.describe()}; layouts on 1..{plan.gpus} GPUs; "
+        f"TTL budget " + (f"{budget * 1e3:g} ms" if budget else "none (fastest layout)"),
+        f"  priced {len(plan.result.costs)} layouts x {len(plan.result.batches)} batch sizes = "
+        f"{plan.result.num_points:,} points in {plan.seconds:.2f} s",
+        "",
+    ]
+    order = sorted(plan.per_family.values(),
+                   key=lambda p: (-p.tokens_per_s_per_gpu, p.ttl) if budget else (p.ttl, -p.tokens_per_s_per_gpu))
+    criterion = "highest tokens/s/GPU within the budget" if budget else "lowest TTL"
+    lines += _table(order, f"Best point per strategy ({criterion}; KVP (Medha) is a baseline only):") + [""]
+    lines += _table(plan.ranked[: args.top], f"Top {min(args.top, len(plan.ranked))} servable layouts:") + [""]
+    hopb = f", hopb={best.micro_batches}" if best.layout.hopb else ""
+    lines += [
+        f"Recommended: {best.layout.family} {best.layout.describe()}{hopb} on {best.layout.gpus} GPUs "
+        f"({plan.gpus // best.layout.gpus} replica(s) in {plan.gpus}), batch {best.batch}",
+        f"  TTL {best.ttl * 1e3:.3f} ms = {best.tokens_per_s_per_user:.1f} tokens/s/user; "
+        f"{best.tokens_per_s_per_gpu:.2f} tokens/s/GPU; "
+        f"{energy_of(best, plan.hardware).tokens_per_joule:.4f} tokens/J at TDP",
+        f"  per token (ms): {_terms_text(best.terms)}",
+        f"  memory per GPU: {best.memory_per_gpu / 1e9:.1f} of {plan.hardware.memory_capacity / 1e9:.0f} GB",
+        f"  serve: {best.command(plan.model_ref)}",
+    ]
+    d = plan.disaggregation
+    if d is not None:
+        colocated = (f"{d.aggregated.layout.family} {d.aggregated.layout.describe()} at batch {d.aggregated.batch} "
+                     f"-> {d.aggregated_gpus:.1f} GPUs" if d.aggregated else "cannot meet the TTL budget")
+        lines += [
+            "",
+            f"Disaggregated serving of ISL {d.mix.input_len} / OSL {d.mix.output_len} at {d.mix.rate:g} req/s "
+            f"(decode context {d.mix.decode_context}):",
+            f"  prefill: TP={d.prefill.gpus}, {d.prefill.seconds * 1e3:.1f} ms per prompt -> {d.prefill_gpus:.1f} GPUs",
+            f"  decode: {d.decode.layout.family} {d.decode.layout.describe()} at batch {d.decode.batch} -> "
+            f"{d.decode_gpus:.1f} GPUs; prefill:decode = {d.prefill_to_decode:.3f}",
+            f"  co-located: {colocated}",
+            f"  disaggregation {'pays' if d.pays else 'does not pay'}: co-located needs {d.gain:.2f}x the GPUs",
+        ]
+    if args.plot:
+        lines += ["", f"plot: {args.plot}"]
+    return lines

@@ -1,0 +1,154 @@
+"""Hardware specs: what one accelerator can read, compute and send, from ``configs/hardware``.
+
+A profile is a YAML file in human units (GB, GB/s, TFLOP/s, microseconds, watts;
+1 GB = 1e9 bytes) with its sources in comments. ``base: <other profile>`` inherits
+every field not given, which is how measured profiles (``measured: true``)
+override only what was measured on a real machine.
+
+The fabric has two levels: a scale-up domain (NVLink through NVSwitch: every GPU
+reaches every other at the full per-GPU bandwidth) of ``gpus_per_domain`` GPUs,
+and a scale-out network (InfiniBand/Ethernet) between domains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from vllm_helix.planner.errors import PlannerError
+from vllm_helix.planner.model_spec import CONFIG_ROOT
+from vllm_helix.planner.precision import canonical_dtype
+
+HARDWARE_PRESET_DIR = CONFIG_ROOT / "hardware"
+
+
+@dataclass(frozen=True)
+class Link:
+    """One level of the fabric, per GPU and per direction."""
+
+    bandwidth: float  # bytes/s one GPU can send (and receive) at once
+    latency: float  # seconds of fixed cost per message phase (launch + flag + hop)
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One accelerator and the fabric around it, in SI units (bytes, bytes/s, FLOP/s, s, W)."""
+
+    name: str
+    memory_capacity: float
+    memory_bandwidth: float
+    flops: Mapping[str, float]
+    scale_up: Link
+    gpus_per_domain: int
+    scale_out: Link | None
+    tdp_watts: float
+    measured: bool = False
+    description: str = ""
+
+    def flop_rate(self, dtype: str) -> float:
+        """Dense tensor-core FLOP/s for ``dtype``; raises if the chip has no such rate."""
+        key = canonical_dtype(dtype)
+        if key not in self.flops:
+            raise PlannerError(
+                f"hardware {self.name!r} has no {key} FLOP rate (it supports "
+                f"{', '.join(sorted(self.flops))}); pick --compute-dtype among those"
+            )
+        return self.flops[key]
+
+    def link_between_domains(self) -> Link:
+        """The scale-out link; raises for a profile that describes a single domain."""
+        if self.scale_out is None:
+            raise PlannerError(
+                f"hardware {self.name!r} has no scale_out network, so at most "
+                f"{self.gpus_per_domain} GPUs can work together; use --gpus <= {self.gpus_per_domain}"
+            )
+        return self.scale_out
+
+    def describe(self) -> str:
+        return (f"{self.name}{' (measured)' if self.measured else ''}: "
+                f"{self.memory_capacity / 1e9:.0f} GB at {self.memory_bandwidth / 1e12:.2f} TB/s, "
+                + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in sorted(self.flops.items()))
+                + f", {self.scale_up.bandwidth / 1e9:.0f} GB/s scale-up x {self.gpus_per_domain} GPUs, "
+                f"TDP {self.tdp_watts:.0f} W")
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in HARDWARE_PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PlannerError(f"hardware profile {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise PlannerError(f"hardware profile {str(path)!r} must be a mapping")
+    return data
+
+
+def _resolve(ref: str) -> Path:
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    preset = HARDWARE_PRESET_DIR / f"{ref}.yaml"
+    if preset.is_file():
+        return preset
+    raise PlannerError(f"hardware {ref!r} not found; known presets: {', '.join(preset_names())} "
+                       f"(or pass a profile YAML path)")
+
+
+def _merged(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The profile's fields with its ``base:`` chain filled in (sections merged key by key)."""
+    if path in seen:
+        raise PlannerError(f"hardware profile {str(path)!r} inherits from itself via 'base'")
+    data = _read_yaml(path)
+    base_ref = data.pop("base", None)
+    if base_ref is None:
+        return data
+    merged = _merged(_resolve(str(base_ref)), seen + (path,))
+    for key, value in data.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _number(section: Mapping[str, Any], key: str, where: str) -> float:
+    value = section.get(key)
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise PlannerError(f"hardware profile {where}: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def hardware_from_dict(data: Mapping[str, Any], name: str) -> HardwareSpec:
+    """Build a spec from the YAML fields (units as written in the files)."""
+    where = repr(name)
+    try:
+        memory, compute, up = data["memory"], data["compute_tflops"], data["scale_up"]
+        power = data["power"]
+    except KeyError as err:
+        raise PlannerError(f"hardware profile {where} lacks the {err.args[0]!r} section") from None
+    out = data.get("scale_out")
+    return HardwareSpec(
+        name=str(data.get("name", name)),
+        memory_capacity=_number(memory, "capacity_gb", where) * 1e9,
+        memory_bandwidth=_number(memory, "bandwidth_gb_s", where) * 1e9,
+        flops={canonical_dtype(k): _number(compute, k, where) * 1e12 for k in compute},
+        scale_up=Link(_number(up, "bandwidth_gb_s", where) * 1e9, _number(up, "latency_us", where) * 1e-6),
+        gpus_per_domain=int(_number(up, "gpus_per_domain", where)),
+        scale_out=(Link(_number(out, "bandwidth_gb_s", where) * 1e9, _number(out, "latency_us", where) * 1e-6)
+                   if out else None),
+        tdp_watts=_number(power, "tdp_w", where),
+        measured=bool(data.get("measured", False)),
+        description=str(data.get("description", "")),
+    )
+
+
+def load_hardware(ref: str) -> HardwareSpec:
+    """Resolve ``--hardware``: a preset name under ``configs/hardware`` or a YAML path."""
+    path = _resolve(ref)
+    return hardware_from_dict(_merged(path), name=path.stem)

@@ -1,0 +1,129 @@
+"""From priced points to an answer: each layout's best operating point and the recommendation.
+
+With a TTL budget, a layout's best point is its highest tokens/s/GPU among batches
+that meet the budget (ties: lower TTL); without one, its lowest TTL (ties: higher
+throughput), i.e. the most interactive way to run it. The recommendation is the
+best such point over the layouts a command can serve: Medha-style KVP is a
+baseline with no vLLM mode, and "Helix (no HOP-B)" never beats the same layout
+with HOP-B (which may choose one micro-batch), so both are left out of the ranking
+(they stay in the per-strategy table and the plot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from vllm_helix.planner.errors import PlannerError
+from vllm_helix.planner.layouts import HELIX_NO_OVERLAP, Layout
+from vllm_helix.planner.search import SearchResult
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    """One layout at one batch size, with its breakdown (seconds, bytes)."""
+
+    layout: Layout
+    batch: int
+    ttl: float
+    tokens_per_s_per_gpu: float
+    memory_per_gpu: float
+    micro_batches: int
+    terms: dict[str, float]
+
+    @property
+    def tokens_per_s_per_user(self) -> float:
+        return 1.0 / self.ttl
+
+    def command(self, model_ref: str) -> str | None:
+        return self.layout.serve_command(model_ref, self.micro_batches)
+
+    def as_dict(self, model_ref: str) -> dict[str, Any]:
+        layout = self.layout
+        return {
+            "strategy": layout.strategy,
+            "family": layout.family,
+            "layout": {"tpa": layout.tpa, "kvp": layout.kvp, "dpa": layout.dpa, "pp": layout.pp,
+                       "tpf": layout.tpf, "ep": layout.ep,
+                       "hopb": self.micro_batches if layout.hopb else 1},
+            "gpus": layout.gpus,
+            "batch": self.batch,
+            "ttl_ms": self.ttl * 1e3,
+            "tokens_per_s_per_user": self.tokens_per_s_per_user,
+            "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+            "memory_per_gpu_gb": self.memory_per_gpu / 1e9,
+            "breakdown_ms": {name: value * 1e3 for name, value in self.terms.items()},
+            "command": self.command(model_ref),
+        }
+
+
+def point_at(result: SearchResult, row: int, col: int) -> PlanPoint:
+    """The point of layout ``row`` at batch index ``col``."""
+    cost = result.costs[row]
+    return PlanPoint(
+        layout=cost.layout,
+        batch=int(result.batches[col]),
+        ttl=float(cost.ttl[col]),
+        tokens_per_s_per_gpu=float(cost.tokens_per_s_per_gpu[col]),
+        memory_per_gpu=float(cost.memory_per_gpu[col]),
+        micro_batches=int(cost.micro_batches[col]),
+        terms={name: float(values[col]) for name, values in cost.terms.items()},
+    )
+
+
+def _sort_key(point: PlanPoint, ttl_budget: float | None) -> tuple[float, float]:
+    if ttl_budget is None:
+        return (point.ttl, -point.tokens_per_s_per_gpu)
+    return (-point.tokens_per_s_per_gpu, point.ttl)
+
+
+def best_points(result: SearchResult, ttl_budget: float | None = None) -> list[PlanPoint]:
+    """Each layout's best point (see module doc), best first; layouts with none are skipped."""
+    points = []
+    for row, cost in enumerate(result.costs):
+        ok = cost.feasible & (cost.ttl <= ttl_budget if ttl_budget is not None else True)
+        if not ok.any():
+            continue
+        if ttl_budget is None:
+            score = np.where(ok, cost.ttl - 1e-12 * cost.tokens_per_s_per_gpu, np.inf)
+            col = int(np.argmin(score))
+        else:
+            score = np.where(ok, cost.tokens_per_s_per_gpu - 1e-12 * cost.ttl, -np.inf)
+            col = int(np.argmax(score))
+        points.append(point_at(result, row, col))
+    return sorted(points, key=lambda p: _sort_key(p, ttl_budget))
+
+
+def best_per_family(points: list[PlanPoint]) -> dict[str, PlanPoint]:
+    """The first (best) point of each family in an already ranked list."""
+    best: dict[str, PlanPoint] = {}
+    for point in points:
+        best.setdefault(point.layout.family, point)
+    return best
+
+
+def _servable(points: list[PlanPoint]) -> list[PlanPoint]:
+    """Points a command can serve: not Medha-style KVP (a baseline with no vLLM mode), and not
+    "Helix (no HOP-B)" where the same layout was also priced with HOP-B."""
+    with_overlap = {p.layout for p in points if p.layout.hopb}
+    return [p for p in points if p.layout.strategy != "kvp"
+            and not (p.layout.family == HELIX_NO_OVERLAP and replace(p.layout, hopb=True) in with_overlap)]
+
+
+def recommend(result: SearchResult, ttl_budget: float | None = None) -> tuple[PlanPoint, list[PlanPoint]]:
+    """The recommended point and the ranked servable per-layout points it was chosen from.
+
+    Raises :class:`PlannerError` naming the fastest achievable TTL when no layout
+    meets the budget.
+    """
+    candidates = _servable(best_points(result, ttl_budget))
+    if not candidates:
+        fastest = _servable(best_points(result))[0]
+        raise PlannerError(
+            f"no layout reaches TTL <= {ttl_budget * 1e3:.3g} ms; the fastest is "
+            f"{fastest.ttl * 1e3:.3g} ms ({fastest.layout.family} {fastest.layout.describe()} on "
+            f"{fastest.layout.gpus} GPUs at batch {fastest.batch}); raise --ttl-ms or add GPUs"
+        )
+    return candidates[0], candidates
