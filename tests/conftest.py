@@ -15,3 +15,11 @@ def fresh_seed(request: pytest.FixtureRequest) -> int:
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed} (replay with HELIX_TEST_SEED={seed})")
     return seed
+
+
+@pytest.fixture(scope="module")
+def module_seed() -> int:
+    """Like ``fresh_seed``, for module-scoped fixtures (expensive runs shared by several tests)."""
+    seed = int(os.environ.get("HELIX_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"module seed={seed} (replay with HELIX_TEST_SEED={seed})")
+    return seed

@@ -97,3 +97,35 @@ def test_round_robin_order():
 def test_bad_striping_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KVStriping(**kwargs)
+
+
+# ----------------------------------------------------------- ragged query batches
+def test_query_positions_are_the_last_query_len_positions_of_each_sequence() -> None:
+    from vllm_helix.striping import query_positions
+
+    # requests: decode at length 5, prefill of 3 fresh tokens, chunk of 2 after 4 cached
+    query_start_loc = torch.tensor([0, 1, 4, 6])
+    seq_lens = torch.tensor([5, 3, 6])
+    rows, positions = query_positions(query_start_loc, seq_lens)
+    assert rows.tolist() == [0, 1, 1, 1, 2, 2]
+    assert positions.tolist() == [4, 0, 1, 2, 4, 5]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kvp=st.integers(1, 4),
+    stripe_pow=st.integers(0, 3),
+    block_mult=st.integers(1, 3),
+    position=st.integers(0, 500),
+)
+def test_visible_local_lengths_count_the_owned_keys_at_or_before_the_query(
+    kvp: int, stripe_pow: int, block_mult: int, position: int
+) -> None:
+    from vllm_helix.striping import visible_local_lengths
+
+    stripe = 2**stripe_pow
+    striping = KVStriping(kvp, stripe, stripe * block_mult)
+    owners = striping.owner(torch.arange(position + 1))
+    for rank in range(kvp):
+        expected = int((owners == rank).sum())
+        assert visible_local_lengths(striping, torch.tensor([position]), rank).tolist() == [expected]

@@ -16,6 +16,9 @@ from typing import Sequence
 # verb -> module implementing it
 VERBS: dict[str, str] = {
     "demo": "vllm_helix.demo",
+    "plan": "vllm_helix.planner.command",
+    "make-tiny-model": "vllm_helix.twins",
+    "serve": "vllm_helix.serve",
 }
 
 

@@ -103,3 +103,33 @@ class KVStriping:
         block_ids = block_table[request_index, local // self.block_size].to(torch.int64)
         slots = block_ids * self.block_size + local % self.block_size
         return torch.where(self.owner(positions) == rank, slots, torch.full_like(slots, -1))
+
+
+def query_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request row and sequence position of every query token of a ragged batch.
+
+    vLLM's metadata gives, per request, where its query tokens start in the
+    flattened batch (``query_start_loc``, ``[num_requests + 1]``) and the
+    sequence length *after* this step (``seq_lens``): the last
+    ``query_len`` positions of each sequence are this step's queries (a decode
+    has one, a prefill chunk many). Returns ``(rows, positions)``, both
+    ``[num_tokens]`` int64.
+    """
+    query_start_loc = query_start_loc.to(torch.int64)
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    rows = torch.repeat_interleave(torch.arange(query_lens.numel()), query_lens)
+    first = seq_lens.to(torch.int64)[: query_lens.numel()] - query_lens
+    offsets = torch.arange(int(query_start_loc[-1] - query_start_loc[0])) - (query_start_loc[rows] - query_start_loc[0])
+    return rows, first[rows] + offsets
+
+
+def visible_local_lengths(striping: KVStriping, positions: torch.Tensor, rank: int) -> torch.Tensor:
+    """Tokens on ``rank`` that a query at each position may attend (causal: keys <= position).
+
+    A shard stores its tokens in sequence order, so the keys a causal query may
+    see on one rank are a *prefix* of that rank's shard: the local length of a
+    sequence cut after the query's own position. This turns prefill (many
+    queries per sequence) into independent decodes, one per query token, each
+    over a prefix of the shard: no mask, and the same exact combine.
+    """
+    return striping.local_lengths(positions.to(torch.int64) + 1)[rank]

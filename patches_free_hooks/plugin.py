@@ -1,0 +1,52 @@
+"""The ``vllm.general_plugins`` entry point: ``helix = patches_free_hooks.plugin:register``.
+
+vLLM calls :func:`register` in every process it starts (API server, engine
+core, each worker, Ray actors), sometimes twice in one process. It must be
+idempotent and inert unless Helix is requested, so it only
+
+* wraps ``EngineArgs.create_engine_config`` (a no-op without a ``helix`` entry
+  in ``additional_config``; see :mod:`patches_free_hooks.engine_config`), and
+* points vLLM's ``CPU_ATTN`` and ``CPU_MLA`` backend names at the Helix
+  subclasses, which defer to vLLM's own code unless the worker's config asks
+  for Helix with kvp > 1.
+
+On a vLLM outside the supported range the backends are left alone (vLLM runs
+as if the plugin were absent) and a Helix request fails at start-up with the
+version message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from patches_free_hooks.compat import HelixStartupError, check_supported_version, internal
+
+logger = logging.getLogger("vllm.helix")  # under vLLM's logger: same handlers and format
+
+BACKENDS = {
+    "CPU_ATTN": "patches_free_hooks.cpu_attention.HelixCPUAttentionBackend",
+    "CPU_MLA": "patches_free_hooks.cpu_mla.HelixCPUMLABackend",
+}
+_registered = False
+
+
+def register() -> None:
+    """Install the Helix hooks in this process (safe to call any number of times)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from patches_free_hooks import engine_config
+
+    try:
+        # Installed even on an unsupported vLLM: a helix request then fails at
+        # start-up with the version message (apply_helix checks it first).
+        engine_config.install()
+        check_supported_version()
+    except HelixStartupError as err:
+        logger.warning("vllm-helix inactive: %s", err)
+        return
+    enum = internal("vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_ATTN").__class__
+    register_backend = internal("vllm.v1.attention.backends.registry:register_backend")
+    for name, class_path in BACKENDS.items():
+        register_backend(enum[name], class_path)

@@ -1,0 +1,70 @@
+"""Offline twins shared by the plugin tests (built once per session, a few seconds each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_helix.server import cpu_env
+from vllm_helix.twins import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def twins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """float32 twins: ``deepseek`` (MLA), ``llama1`` (GQA, 1 KV head), ``llama2`` (2 KV heads)."""
+    root = tmp_path_factory.mktemp("twins")
+    return {
+        "deepseek": make_tiny_model(root / "deepseek", "deepseek_v3"),
+        "llama1": make_tiny_model(root / "llama1", "llama", kv_heads=1),
+        "llama2": make_tiny_model(root / "llama2", "llama"),
+    }
+
+
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+DRIVER = Path(__file__).with_name("generate_driver.py")
+
+
+def _kv_report(log: str) -> dict[str, float]:
+    size = re.search(r"KV cache size: ([\d,]+) tokens", log)
+    conc = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", log)
+    assert size and conc, log[-3000:]
+    return {"kv_cache_tokens": int(size.group(1).replace(",", "")), "max_concurrency": float(conc.group(1))}
+
+
+@pytest.fixture(scope="session")
+def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Any]]:
+    """``generate(model, prompts, max_tokens, **llm_kwargs)``: greedy run in a fresh, killable process.
+
+    Returns the driver's JSON plus ``log`` (vLLM's output) and ``kv`` (its KV-capacity report).
+    """
+    root = tmp_path_factory.mktemp("generate")
+    counter = iter(range(10**6))
+
+    def run(model: Path, prompts: list[list[int]], max_tokens: int, timeout_s: float = 480, **llm_kwargs: Any):
+        out = root / f"run{next(counter)}.json"
+        spec = {"model": str(model), "out": str(out), "prompts": prompts, "max_tokens": max_tokens,
+                "llm_kwargs": llm_kwargs}
+        env = cpu_env(int(llm_kwargs.get("tensor_parallel_size", 1)))
+        proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(spec)], env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            log, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail(f"vLLM run did not finish within {timeout_s}s")
+        assert proc.returncode == 0 and out.exists(), log[-6000:]
+        result = json.loads(out.read_text())
+        result["log"] = log
+        result["kv"] = _kv_report(log)
+        return result
+
+    return run

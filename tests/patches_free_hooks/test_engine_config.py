@@ -1,0 +1,115 @@
+"""Start-up translation of ``additional_config["helix"]`` into vLLM settings, and its errors.
+
+These run the real ``EngineArgs`` of the installed vLLM against the offline
+twins, up to (not including) engine start: every bad layout must be refused
+here, with the constraint and a working alternative, before any worker exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
+
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+
+from patches_free_hooks import engine_config  # noqa: E402
+from patches_free_hooks.compat import HelixStartupError  # noqa: E402
+from vllm_helix.config import HelixConfigError  # noqa: E402
+from patches_free_hooks.engine_config import apply_helix  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_core_binding_side_effects(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+
+
+def _args(model: Path, helix: object, **kwargs: object) -> EngineArgs:
+    extra = {} if helix is None else {"helix": helix}
+    return EngineArgs(model=str(model), dtype="float32", additional_config=extra, **kwargs)
+
+
+def test_without_helix_the_arguments_are_untouched(twins: dict[str, Path]) -> None:
+    args = _args(twins["llama1"], None, tensor_parallel_size=2)
+    assert apply_helix(args) is None
+    assert (args.tensor_parallel_size, args.decode_context_parallel_size) == (2, 1)
+
+
+@pytest.mark.parametrize("spelling", [{"kvp": 2, "tpa": 1}, "kvp=2,tpa=1"])
+def test_gqa_layout_becomes_tp_with_dcp_and_block_stripes(twins: dict[str, Path], spelling: object) -> None:
+    args = _args(twins["llama1"], spelling)
+    resolved = apply_helix(args)
+    assert resolved is not None and resolved.stripe == 128  # CPU default block size
+    assert args.tensor_parallel_size == 2
+    assert args.decode_context_parallel_size == 2
+    assert args.cp_kv_cache_interleave_size == 128
+    assert args.additional_config["helix"] == {"kvp": 2, "tpa": 1, "tpf": 2, "ep": 1, "hopb": 1, "stripe": 128}
+
+
+def test_mla_layout_uses_16_token_blocks_and_pins_the_reference_backend(twins: dict[str, Path]) -> None:
+    args = _args(twins["deepseek"], {"kvp": 2, "tpa": 1, "hopb": 2, "stripe": 4})
+    apply_helix(args)
+    assert (args.tensor_parallel_size, args.decode_context_parallel_size, args.cp_kv_cache_interleave_size) == (2, 2, 4)
+    assert args.attention_backend.name == "CPU_MLA"
+
+
+def test_an_explicit_matching_tensor_parallel_size_is_accepted(twins: dict[str, Path]) -> None:
+    args = _args(twins["llama2"], {"kvp": 2, "tpa": 2}, tensor_parallel_size=4)
+    apply_helix(args)
+    assert (args.tensor_parallel_size, args.decode_context_parallel_size) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("model", "helix", "kwargs", "message"),
+    [
+        ("llama1", {"kvp": 2, "tpa": 1}, {"tensor_parallel_size": 4},
+         r"kvp\*tpa must equal the number of workers: kvp=2 \* tpa=1 = 2 but --tensor-parallel-size is 4"),
+        ("llama2", {"kvp": 1, "tpa": 4}, {}, r"tpa=4 exceeds the model's 2 KV heads"),
+        ("deepseek", {"kvp": 1, "tpa": 2}, {}, r"MLA models have one latent KV head, so tpa must be 1"),
+        ("llama2", {"kvp": 2, "tpa": 1}, {},
+         r"tpa=1 is below the model's 2 KV heads.*use kvp=1,tpa=2|tpa=1 is below the model's 2 KV heads"),
+        ("llama1", {"kvp": 2, "tpa": 1, "stripe": 48}, {}, r"stripe=48 must divide the KV block size 128"),
+        ("deepseek", {"kvp": 2, "tpa": 1, "stripe": 32}, {}, r"stripe=32 must divide the KV block size 16"),
+        ("deepseek", {"kvp": 2, "tpa": 1, "tpf": 1, "ep": 2}, {}, r"ep=2: the TPF x EP MoE grid is not available"),
+        ("llama1", {"kvp": 2, "tpa": 1}, {"decode_context_parallel_size": 4}, r"conflicts with helix kvp=2"),
+        ("llama1", {"kvp": 2, "tpa": 1}, {"kv_cache_dtype": "fp8"}, r"--kv-cache-dtype fp8 is not supported"),
+        ("llama1", {"kvp": 2, "tpa": 1}, {"pipeline_parallel_size": 2}, r"--pipeline-parallel-size"),
+        ("llama1", {"kvp": 2, "tpb": 1}, {}, r"unknown helix option\(s\) \['tpb'\]"),
+        ("llama1", "kvp=two", {}, r"kvp='two' must be an integer"),
+    ],
+)
+def test_bad_layouts_fail_before_anything_starts(
+    twins: dict[str, Path], model: str, helix: object, kwargs: dict, message: str
+) -> None:
+    # HelixStartupError (vLLM-side rules) is a HelixConfigError (layout rules)
+    with pytest.raises(HelixConfigError, match=message):
+        apply_helix(_args(twins[model], helix, **kwargs))
+
+
+def test_more_workers_than_cores_is_refused(twins: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    monkeypatch.setattr(engine_config.os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(HelixStartupError, match="2 CPU workers need at least 2 cores but only 1"):
+        apply_helix(_args(twins["llama1"], {"kvp": 2, "tpa": 1}))
+
+
+def test_workers_get_one_core_range_each_when_unbound(twins: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    monkeypatch.setattr(engine_config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    apply_helix(_args(twins["llama1"], {"kvp": 2, "tpa": 1}))
+    assert engine_config.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1|2-3"
+
+
+def test_the_wrapper_is_installed_once_and_runs_before_vllm_builds_its_config(twins: dict[str, Path]) -> None:
+    from patches_free_hooks.plugin import register
+
+    register()
+    register()
+    wrapped = EngineArgs.create_engine_config
+    engine_config.install()
+    assert EngineArgs.create_engine_config is wrapped
+    assert getattr(wrapped, "_vllm_helix_wrapped", False)
+    with pytest.raises(HelixConfigError, match="tpa=4 exceeds"):
+        _args(twins["llama2"], {"kvp": 1, "tpa": 4}).create_engine_config()

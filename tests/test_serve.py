@@ -1,0 +1,58 @@
+"""`vllm-helix serve` argument translation (no vLLM needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_helix.cli import main as cli_main
+from vllm_helix.config import HelixConfigError
+from vllm_helix.serve import vllm_serve_argv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _additional(argv: list[str]) -> dict:
+    return json.loads(argv[argv.index("--additional-config") + 1])
+
+
+def test_helix_string_becomes_additional_config_and_other_args_pass_through() -> None:
+    argv = vllm_serve_argv("MODEL", ["--port", "8001", "--helix", "kvp=2,tpa=1,hopb=2", "--max-model-len", "4096"])
+    assert argv[:2] == ["serve", "MODEL"]
+    assert argv[2:6] == ["--port", "8001", "--max-model-len", "4096"]
+    assert _additional(argv) == {"helix": {"kvp": 2, "tpa": 1, "tpf": 2, "ep": 1, "hopb": 2}}
+
+
+def test_equals_spelling_and_merge_with_users_additional_config() -> None:
+    argv = vllm_serve_argv("M", ["--helix=kvp=4,tpa=1", "--additional-config", '{"other": 1}'])
+    assert _additional(argv) == {"other": 1, "helix": {"kvp": 4, "tpa": 1, "tpf": 4, "ep": 1, "hopb": 1}}
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_loads(preset: Path) -> None:
+    argv = vllm_serve_argv("M", ["--helix-config", str(preset)])
+    assert _additional(argv)["helix"]["kvp"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "needs a layout: --helix kvp=2,tpa=1 or --helix-config"),
+        (["--helix", "kvp=2", "--helix-config", "x.yaml"], "--helix or --helix-config, not both"),
+        (["--helix"], "--helix needs a value"),
+        (["--helix", "kvp=2", "--helix", "kvp=4"], "--helix is given twice"),
+        (["--helix", "kvp=2", "--additional-config", "{bad"], "--additional-config is not valid JSON"),
+        (["--helix", "kvp=2", "--additional-config", '{"helix": {}}'], "remove 'helix' from --additional-config"),
+        (["--helix-config", "missing.yaml"], "'missing.yaml' does not exist"),
+    ],
+)
+def test_bad_serve_arguments_are_named(argv: list[str], message: str) -> None:
+    with pytest.raises(HelixConfigError, match=message):
+        vllm_serve_argv("M", argv)
+
+
+def test_cli_exits_2_with_the_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["serve", "M", "--helix", "kvp=0"]) == 2
+    assert "kvp=0 must be a positive integer" in capsys.readouterr().err

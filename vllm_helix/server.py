@@ -1,0 +1,163 @@
+"""Start, query and always stop a vLLM OpenAI server (with or without Helix) from Python.
+
+Used by the demo, the end-to-end tests and the serving benchmarks. The server
+is a child process in its own process group on a free port; :class:`Server`
+waits for ``/health``, exposes small JSON helpers over ``urllib`` (no vLLM
+import, no extra HTTP dependency) and, on exit, stops the whole group: SIGINT,
+then SIGKILL after a grace period, also when start-up or the caller failed.
+The server log goes to a file so a failed start can be reported with its tail
+and vLLM's start-up facts (KV-cache capacity, maximum concurrency) can be read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class ServerError(RuntimeError):
+    """The server did not come up, died, or answered with an error."""
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(workers: int) -> dict[str, str]:
+    """Environment vLLM's CPU build needs on small machines (see docs/cpu-determinism.md)."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if workers > 1 and env.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
+        cores = sorted(os.sched_getaffinity(0))
+        per = max(1, len(cores) // workers)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            f"{cores[i * per]}-{cores[(i + 1) * per - 1]}" if per > 1 else str(cores[i % len(cores)])
+            for i in range(workers)
+        )
+    return env
+
+
+class Server:
+    """``with Server(cmd, log_path) as server:`` runs ``cmd --port P`` until the block ends."""
+
+    def __init__(self, command: Sequence[str], log_path: str | Path, env: dict[str, str] | None = None,
+                 start_timeout_s: float = 600.0) -> None:
+        self.port = free_port()
+        self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log_path = Path(log_path)
+        self.env = env
+        self.start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start_s = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Server":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        started = time.monotonic()
+        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                        env=self.env, start_new_session=True)
+        log.close()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.start_s = time.monotonic() - started
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise ServerError(f"server exited with code {self.process.returncode} during start-up:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1.0)
+        raise ServerError(f"server not healthy after {self.start_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Stop the server's whole process group (idempotent)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGINT)
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_text()[-chars:]
+
+    def kv_capacity(self) -> dict[str, float]:
+        """vLLM's start-up report: KV-cache tokens and maximum concurrency at max_model_len."""
+        text = self.log_text()
+        size = re.search(r"KV cache size: ([\d,]+) tokens", text)
+        conc = re.search(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
+        if not size or not conc:
+            raise ServerError("the server log has no KV-cache capacity report")
+        return {"kv_cache_tokens": int(size.group(1).replace(",", "")),
+                "max_model_len": int(conc.group(1).replace(",", "")),
+                "max_concurrency": float(conc.group(2))}
+
+    def post(self, path: str, body: dict[str, Any], timeout_s: float = 300.0) -> dict[str, Any]:
+        """POST JSON, return JSON; HTTP errors become :class:`ServerError` with the body."""
+        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as err:
+            raise ServerError(f"{path} -> HTTP {err.code}: {err.read().decode(errors='replace')[:2000]}") from None
+
+    def greedy_completion(self, model: str, prompt_ids: list[int], max_tokens: int) -> dict[str, Any]:
+        """Greedy tokens (ids) and their logprobs for one prompt given as token ids."""
+        reply = self.post("/v1/completions", {
+            "model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
+            "logprobs": 1, "ignore_eos": True, "return_tokens_as_token_ids": True,
+        })
+        choice = reply["choices"][0]
+        tokens = choice["logprobs"]["tokens"]
+        return {"ids": [int(t.split(":", 1)[1]) for t in tokens],
+                "logprobs": [float(x) for x in choice["logprobs"]["token_logprobs"]],
+                "text": choice["text"]}
+
+
+def vllm_helix_command() -> list[str]:
+    """``vllm-helix`` of this interpreter (works inside a venv that is not activated)."""
+    return [sys.executable, "-m", "vllm_helix.cli"]
+
+
+def vllm_command() -> list[str]:
+    """vLLM's ``vllm`` command (via the plugin's launcher, which also runs on vllm-cpu)."""
+    return [sys.executable, "-m", "patches_free_hooks.vllm_cli"]
