@@ -16,6 +16,7 @@ from typing import Sequence
 # verb -> module implementing it
 VERBS: dict[str, str] = {
     "demo": "vllm_helix.demo",
+    "attention-demo": "vllm_helix.attention_demo",
     "plan": "vllm_helix.planner.command",
     "make-tiny-model": "vllm_helix.twins",
     "serve": "vllm_helix.serve",

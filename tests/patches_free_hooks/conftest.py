@@ -48,10 +48,11 @@ def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
     root = tmp_path_factory.mktemp("generate")
     counter = iter(range(10**6))
 
-    def run(model: Path, prompts: list[list[int]], max_tokens: int, timeout_s: float = 480, **llm_kwargs: Any):
+    def run(model: Path, prompts: list[list[int]], max_tokens: int, timeout_s: float = 480,
+            repeat: bool = False, **llm_kwargs: Any):
         out = root / f"run{next(counter)}.json"
         spec = {"model": str(model), "out": str(out), "prompts": prompts, "max_tokens": max_tokens,
-                "llm_kwargs": llm_kwargs}
+                "llm_kwargs": llm_kwargs, "repeat": repeat}
         env = cpu_env(int(llm_kwargs.get("tensor_parallel_size", 1)))
         proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(spec)], env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -3,7 +3,8 @@
 Used by the end-to-end tests as ``python generate_driver.py SPEC_JSON`` so every
 engine lives in its own killable process. SPEC keys: model, out, prompts
 (token-id lists), max_tokens, llm_kwargs (passed to vllm.LLM, e.g.
-additional_config={"helix": {...}}).
+additional_config={"helix": {...}}), repeat (generate the same prompts a second
+time: prefix-cache hits). The JSON also carries vLLM's preemption counter.
 """
 
 import json
@@ -17,7 +18,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     kwargs = dict(model=spec["model"], dtype="float32", enforce_eager=True, seed=0,
-                  max_model_len=spec.get("max_model_len", 2048), max_num_seqs=16)
+                  max_model_len=spec.get("max_model_len", 2048), max_num_seqs=16, disable_log_stats=False)
     kwargs.update(spec.get("llm_kwargs", {}))
     started = time.time()
     llm = LLM(**kwargs)
@@ -27,6 +28,17 @@ def main() -> None:
     started = time.time()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     generate_s = time.time() - started
+    report = {"results": _results(outputs), "load_s": load_s, "generate_s": generate_s}
+    if spec.get("repeat"):
+        again = llm.generate(prompts, params, use_tqdm=False)
+        report["repeat"] = _results(again)
+        report["repeat_cached_tokens"] = [o.num_cached_tokens or 0 for o in again]
+    report["preemptions"] = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    with open(spec["out"], "w") as f:
+        json.dump(report, f)
+
+
+def _results(outputs):
     results = []
     for output in outputs:
         completion = output.outputs[0]
@@ -34,10 +46,7 @@ def main() -> None:
             "ids": list(completion.token_ids),
             "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
         })
-    cache = llm.llm_engine.vllm_config.cache_config
-    with open(spec["out"], "w") as f:
-        json.dump({"results": results, "load_s": load_s, "generate_s": generate_s,
-                   "num_gpu_blocks": cache.num_gpu_blocks, "block_size": cache.block_size}, f)
+    return results
 
 
 if __name__ == "__main__":

@@ -52,7 +52,12 @@ def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], mo
     prompts = _prompts(module_seed, (1, 3, 31, 33, 130, 300, 64, 2))
     common = dict(block_size=32, max_num_seqs=16)
     return {
-        "helix": generate(twins["llama1"], prompts, MAX_TOKENS, additional_config={"helix": {"kvp": 2, "tpa": 1}}, **common),
+        "helix": generate(twins["llama1"], prompts, MAX_TOKENS, repeat=True, enable_prefix_caching=True,
+                          additional_config={"helix": {"kvp": 2, "tpa": 1}}, **common),
+        # 6 usable blocks of 2 x 32 tokens for 8 sequences that need ~17: vLLM must preempt.
+        "helix_preempted": generate(twins["llama1"], prompts, MAX_TOKENS, num_gpu_blocks_override=7,
+                                    max_model_len=384,
+                                    additional_config={"helix": {"kvp": 2, "tpa": 1}}, **common),
         "helix_stripe_hopb": generate(twins["llama1"], prompts, MAX_TOKENS,
                                       additional_config={"helix": "kvp=2,tpa=1,stripe=8,hopb=3"}, **common),
         "off_tp1": generate(twins["llama1"], prompts, MAX_TOKENS, **common),
@@ -63,6 +68,18 @@ def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], mo
 def test_gqa_helix_equals_helix_off(gqa_runs: dict[str, Any]) -> None:
     _assert_helix_ran(gqa_runs["helix"], "GQA", 2)
     _assert_same_generation(gqa_runs["helix"], gqa_runs["off_tp1"])
+
+
+def test_gqa_helix_prefix_cache_hits_reproduce_the_same_generation(gqa_runs: dict[str, Any]) -> None:
+    helix = gqa_runs["helix"]
+    assert sum(helix["repeat_cached_tokens"]) > 0, "the second pass should hit the prefix cache"
+    _assert_same_generation({"results": helix["repeat"]}, gqa_runs["off_tp1"])
+
+
+def test_gqa_helix_survives_preemption_with_the_same_generation(gqa_runs: dict[str, Any]) -> None:
+    preempted = gqa_runs["helix_preempted"]
+    assert preempted["preemptions"] > 0, "the tight KV cache should have forced preemptions"
+    _assert_same_generation(preempted, gqa_runs["off_tp1"])
 
 
 def test_gqa_helix_with_small_stripes_and_hopb_equals_helix_off(gqa_runs: dict[str, Any]) -> None:
