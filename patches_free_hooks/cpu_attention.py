@@ -11,8 +11,9 @@ tokens, H query heads, N = kvp * tpa ranks, D head dim):
    so it does not depend on the ISA-specific packing of vLLM's C++ kernels.
 2. all-gather the query over the KVP group: ``[T, H/N, D] -> [T, H/TPA, D]``
    (vLLM's TP split the heads N ways; the KVP group shares one KV head).
-3. per query token, :func:`vllm_helix.attention.paged_decode` over the prefix of
-   this rank's shard the token may see (causal), giving partial out + LSE;
+3. :func:`vllm_helix.attention.paged_extend`: each query token over the prefix of
+   this rank's shard it may see (causal), each sequence's shard read once,
+   giving partial out + LSE;
 4. :func:`vllm_helix.attention.helix_decode`: the all-to-all over the KVP group
    and the exact LSE merge, micro-batched for HOP-B -> ``[T, H/N, D]``, the
    heads vLLM's row-parallel ``o_proj`` on this rank expects.
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from vllm_helix.attention import helix_decode, paged_decode
+from vllm_helix.attention import helix_decode, paged_extend
 from vllm_helix.striping import query_positions, visible_local_lengths
 
 from patches_free_hooks.compat import HelixStartupError, internal
@@ -135,7 +136,7 @@ class HelixCPUAttentionImpl(CPUAttentionBackendImpl):
         value_cache = kv_cache[..., head_dim:].transpose(1, 2)
 
         def shard_attention(q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor):
-            return paged_decode(q, key_cache, value_cache, table, lens, self.scale)
+            return paged_extend(q, key_cache, value_cache, table, lens, self.scale)
 
         out, _ = helix_decode(
             shard_attention,

@@ -15,6 +15,7 @@ from vllm_helix.attention.exchange import KVPExchange, PendingExchange
 from vllm_helix.attention.hopb import helix_decode, micro_batch_bounds
 from vllm_helix.attention.merge import merge_attention_states
 from vllm_helix.attention.paged_decode import paged_decode, paged_decode_mla
+from vllm_helix.attention.paged_extend import paged_extend
 
 __all__ = [
     "KVPExchange",
@@ -24,4 +25,5 @@ __all__ = [
     "micro_batch_bounds",
     "paged_decode",
     "paged_decode_mla",
+    "paged_extend",
 ]

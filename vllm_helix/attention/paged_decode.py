@@ -22,7 +22,7 @@ import torch
 from vllm_helix.attention.merge import accumulation_dtype
 
 
-def _read_sequence(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
+def read_sequence(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` tokens of one sequence's shard, in order: ``[length, ...]``."""
     num_blocks = -(-length // cache.shape[1])
     return cache[block_row[:num_blocks].to(torch.int64)].flatten(0, 1)[:length]
@@ -90,7 +90,7 @@ def paged_decode(
     """
 
     def read_kv(block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _read_sequence(key_cache, block_row, length), _read_sequence(
+        return read_sequence(key_cache, block_row, length), read_sequence(
             value_cache, block_row, length
         )
 
@@ -119,7 +119,7 @@ def paged_decode_mla(
 
     def read_kv(block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # One latent KV head shared by every query head; read once, used as K and V.
-        latent = _read_sequence(latent_cache, block_row, length).unsqueeze(1)
+        latent = read_sequence(latent_cache, block_row, length).unsqueeze(1)
         return latent, latent[..., :kv_lora_rank]
 
     return _decode(query, block_table, seq_lens, scale, read_kv, kv_lora_rank)
