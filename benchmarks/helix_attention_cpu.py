@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from vllm_helix.attention.exchange import KVPExchange
 from vllm_helix.attention.hopb import helix_decode
 from vllm_helix.attention.synthetic import HelixCase, ProblemSpec, make_problem, shard_decoder, shard_for_rank
 from vllm_helix.layout import build_helix_groups
+from vllm_helix.machine import describe_machine
 from vllm_helix.spawn import run_ranks
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,21 +66,8 @@ def time_parts(rank: int, world: int, case: HelixCase, hopb: int, repeats: int) 
 
 
 def machine() -> dict[str, object]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "note": "each rank is a process with cores/kvp torch threads; gloo over loopback",
-    }
+    return {**describe_machine(), "torch": torch.__version__,
+            "note": "each rank is a process with cores/kvp torch threads; gloo over loopback"}
 
 
 def render_markdown(payload: dict) -> str:

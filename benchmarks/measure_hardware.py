@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 import yaml
 
+from vllm_helix.machine import cpu_model
 from vllm_helix.planner.collectives import exchange_time, place_group
 from vllm_helix.planner.cost import roofline
 from vllm_helix.planner.hardware_spec import HardwareSpec, hardware_from_dict
@@ -67,16 +67,6 @@ def best_seconds(fn: Callable[[], Any], repeats: int, min_total_s: float = 1.5, 
         fn()
         samples.append(time.perf_counter() - start)
     return min(samples)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def memory_total_bytes() -> float:
@@ -130,7 +120,7 @@ def write_profile(memory: dict[str, float], flops: dict[str, float], gloo: dict[
     today = datetime.date.today().isoformat()
     profile = {
         "name": "cpu-2core",
-        "description": f"{cpu_name()}, {os.cpu_count()} cores (this project's CI machine), measured {today}",
+        "description": f"{cpu_model()}, {os.cpu_count()} cores (this project's CI machine), measured {today}",
         "measured": True,
         "memory": {"capacity_gb": round(memory_total_bytes() / 1e9, 2),
                    "bandwidth_gb_s": round(memory["copy_bytes_per_s"] / 1e9, 2)},
@@ -140,7 +130,7 @@ def write_profile(memory: dict[str, float], flops: dict[str, float], gloo: dict[
         "power": {"tdp_w": 9},
     }
     header = (
-        f"# Measured by benchmarks/measure_hardware.py on {today}: {cpu_name()}, {os.cpu_count()} cores,\n"
+        f"# Measured by benchmarks/measure_hardware.py on {today}: {cpu_model()}, {os.cpu_count()} cores,\n"
         f"# torch {torch.__version__}, {os.cpu_count()} threads. One 'GPU' is the whole machine.\n"
         "# memory.bandwidth_gb_s: 256 MiB tensor copy, (read + write bytes) / s (STREAM copy convention);\n"
         f"#   read-only reduction for reference: {memory['read_bytes_per_s'] / 1e9:.1f} GB/s.\n"
@@ -256,7 +246,7 @@ def summarize(rows: list[dict[str, Any]], key: str = "error") -> dict[str, float
 def write_report(profile: dict[str, Any], memory: dict[str, float], calibration: dict[str, Any]) -> None:
     direct, project = calibration["direct"], calibration["project_benchmark"]
     payload = {"profile": profile, "memory_read_bytes_per_s": memory["read_bytes_per_s"],
-               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "date": datetime.date.today().isoformat(), "load_average": list(os.getloadavg())},
                **calibration, "summary": {"direct": summarize(direct)}}
     if project:
@@ -267,7 +257,7 @@ def write_report(profile: dict[str, Any], memory: dict[str, float], calibration:
     lines = [
         "# Calibration: the planner's decode-attention model against measured CPU timings",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{payload['machine']['date']}; 1-minute load average {os.getloadavg()[0]:.1f} at the end (the machine "
         "is shared, so every time is the best of several runs). "
         "Reproduce: `.venv/bin/python benchmarks/measure_hardware.py`.",
@@ -276,7 +266,7 @@ def write_report(profile: dict[str, Any], memory: dict[str, float], calibration:
         "",
         f"- memory: {profile['memory']['bandwidth_gb_s']} GB/s tensor copy (read + write), "
         f"{memory['read_bytes_per_s'] / 1e9:.1f} GB/s read-only reduction; {profile['memory']['capacity_gb']} GB",
-        f"- matmul: " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in profile["compute_tflops"].items()),
+        "- matmul: " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in profile["compute_tflops"].items()),
         f"- gloo all-to-all between 2 processes: {profile['scale_up']['latency_us']} us per message, "
         f"{profile['scale_up']['bandwidth_gb_s']} GB/s per peer",
         "",

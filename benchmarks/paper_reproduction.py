@@ -331,7 +331,7 @@ def _differences(report: dict[str, Any]) -> list[str]:
                if row["model"] == "deepseek-r1" and row["wire"] == "fp4"}
     ll_rows = {row["latency_us"]: row for row in report["sensitivity"]
                if row["model"] == "llama-3.1-405b" and row["wire"] == "fp4"}
-    r1_tables, ll_tables = r1["per_batch_ttl_ms"], llama["per_batch_ttl_ms"]
+    r1_tables = r1["per_batch_ttl_ms"]
     return [
         "## Where this model agrees with the paper, where it does not, and why",
         "",

