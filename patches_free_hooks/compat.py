@@ -42,8 +42,17 @@ INTERNALS: tuple[str, ...] = (
     "vllm.distributed.parallel_state:get_dcp_group",
     "vllm.distributed.parallel_state:get_dcp_world_size_and_rank",
     "vllm.config:get_current_vllm_config",
+    "vllm.config:get_current_vllm_config_or_none",
     "vllm.triton_utils.dispatcher:register_kernels",
     "vllm.v1.worker.block_table:ComputeSlotMappingKernel.kernel",
+    # MoE TPF x EP grid (patches_free_hooks/moe_grid.py)
+    "vllm.model_executor.layers.fused_moe.config:FusedMoEParallelConfig",
+    "vllm.model_executor.layers.fused_moe.config:FusedMoEParallelConfig.make",
+    "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method:UnquantizedFusedMoEMethod",
+    "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method:UnquantizedFusedMoEMethod.register_oot",
+    "vllm.model_executor.layers.fused_moe.experts.cpu_moe:CPUUnquantizedExperts",
+    "vllm.model_executor.layers.fused_moe.experts.cpu_moe:CPUUnquantizedExperts.apply",
+    "vllm.model_executor.custom_op:op_registry_oot",
 )
 
 

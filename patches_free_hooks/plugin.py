@@ -8,7 +8,10 @@ idempotent and inert unless Helix is requested, so it only
   in ``additional_config``; see :mod:`patches_free_hooks.engine_config`), and
 * points vLLM's ``CPU_ATTN`` and ``CPU_MLA`` backend names at the Helix
   subclasses, which defer to vLLM's own code unless the worker's config asks
-  for Helix with kvp > 1.
+  for Helix with kvp > 1, and
+* installs the MoE TPF x EP grid (:mod:`patches_free_hooks.moe_grid`): a wrapper
+  of ``FusedMoEParallelConfig.make`` and an out-of-tree ``UnquantizedFusedMoEMethod``,
+  both inert unless the config asks for Helix with ep > 1.
 
 On a vLLM outside the supported range the backends are left alone (vLLM runs
 as if the plugin were absent) and a Helix request fails at start-up with the
@@ -50,3 +53,10 @@ def register() -> None:
     register_backend = internal("vllm.v1.attention.backends.registry:register_backend")
     for name, class_path in BACKENDS.items():
         register_backend(enum[name], class_path)
+    from patches_free_hooks import moe_grid
+
+    try:
+        moe_grid.install()
+    except HelixStartupError as err:
+        # Helix attention still works; a request with ep > 1 is refused at start-up.
+        logger.warning("vllm-helix MoE grid (ep > 1) unavailable: %s", err)

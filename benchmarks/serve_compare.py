@@ -1,0 +1,330 @@
+"""Serving comparison through vLLM's own tools: Helix against TP (duplicated KV) and vLLM's DCP.
+
+For each model and configuration it starts an OpenAI server (``vllm-helix serve``
+for Helix, ``vllm serve`` otherwise), drives it with ``vllm bench serve``
+(random dataset, long inputs, fixed output length, several concurrency levels)
+and collects TTFT, TPOT (= TTL), ITL p50/p99, output tokens/s and the KV-cache
+capacity and maximum concurrency vLLM reports at start-up. Every server is
+stopped at the end, also on failure. Configurations vLLM refuses at start-up
+(vLLM's own DCP on CPU) are recorded with vLLM's message. Next to the
+measurements it prints what ``vllm-helix plan`` predicts for the same layouts on
+the measured CPU profile (``configs/hardware/cpu-2core.yaml``).
+
+Writes ``benchmarks/results/serve_compare.{json,csv,md,png}``.
+
+    .venv/bin/python benchmarks/serve_compare.py            # the committed run (~15 min on 2 cores)
+    .venv/bin/python benchmarks/serve_compare.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_helix.machine import describe_machine
+from vllm_helix.server import Server, ServerError, cpu_env, vllm_command, vllm_helix_command
+from vllm_helix.twins import make_tiny_model
+
+RESULTS = Path(__file__).parent / "results"
+TWINS = Path(".cache/twins")
+# vLLM's CPU rotary kernel is wrong for MLA (docs/cpu-determinism.md); all MLA servers use PyTorch's.
+EXACT_ROPE = ["--compilation-config", json.dumps({"custom_ops": ["all", "-rotary_embedding"]})]
+METRICS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_tpot_ms", "p99_tpot_ms",
+           "p50_itl_ms", "p99_itl_ms", "output_throughput", "completed", "failed")
+
+
+@dataclass
+class Config:
+    """One server configuration of one model."""
+
+    model: str  # twin name
+    name: str
+    workers: int
+    serve: list[str]  # arguments after the model
+    helix: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def configs(arch_filter: set[str]) -> list[Config]:
+    mla = EXACT_ROPE
+    table = [
+        Config("deepseek_v3", "Helix kvp=2", 2, ["--helix", "kvp=2,tpa=1", *mla], helix=True),
+        Config("deepseek_v3", "TP=2 (latent KV duplicated)", 2, ["--tensor-parallel-size", "2", *mla]),
+        Config("deepseek_v3", "vLLM DCP=2", 2,
+               ["--tensor-parallel-size", "2", "--decode-context-parallel-size", "2", *mla]),
+        Config("llama_kv1", "Helix kvp=2", 2, ["--helix", "kvp=2,tpa=1"], helix=True),
+        Config("llama_kv1", "TP=2 (1 KV head duplicated)", 2, ["--tensor-parallel-size", "2"]),
+        Config("llama_kv1", "vLLM DCP=2", 2, ["--tensor-parallel-size", "2", "--decode-context-parallel-size", "2"]),
+    ]
+    return [c for c in table if c.model in arch_filter]
+
+
+def twin(name: str) -> Path:
+    path = TWINS / name
+    if not (path / "config.json").exists():
+        if name == "deepseek_v3":
+            make_tiny_model(path, "deepseek_v3")
+        else:
+            make_tiny_model(path, "llama", kv_heads=1)
+    return path
+
+
+def bench(server: Server, model: Path, input_len: int, output_len: int, concurrency: int, prompts: int,
+          out_dir: Path) -> dict[str, Any]:
+    """One ``vllm bench serve`` run; returns its result JSON and the command line."""
+    name = f"bench-{time.monotonic_ns()}.json"
+    command = [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", server.url,
+               "--model", str(model), "--dataset-name", "random", "--random-input-len", str(input_len),
+               "--random-output-len", str(output_len), "--random-range-ratio", "0", "--ignore-eos",
+               "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--seed", "0",
+               "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+               "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=cpu_env(1))
+    if done.returncode != 0:
+        raise ServerError(f"vllm bench serve failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    result = json.loads((out_dir / name).read_text())
+    return {"command": " ".join(command), **{k: result.get(k) for k in METRICS}}
+
+
+def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    model = twin(config.model)
+    launcher = vllm_helix_command() if config.helix else vllm_command()
+    command = [*launcher, "serve", str(model), "--dtype", "float32", "--enforce-eager",
+               "--max-model-len", str(args.max_model_len), *config.serve]
+    record: dict[str, Any] = {"model": config.model, "config": config.name, "workers": config.workers,
+                              "server_command": " ".join(command), "runs": []}
+    log = log_dir / f"{config.model}-{config.name.split()[0].lower()}-{config.workers}.log"
+    print(f"[{config.model}] {config.name}: starting server ...", flush=True)
+    try:
+        with Server(command, log, env=cpu_env(config.workers), start_timeout_s=900) as server:
+            record["start_s"] = round(server.start_s, 1)
+            record["kv"] = server.kv_capacity()
+            print(f"  up in {server.start_s:.0f}s; KV cache {record['kv']['kv_cache_tokens']:,} tokens, "
+                  f"max concurrency {record['kv']['max_concurrency']:.1f}x", flush=True)
+            bench(server, model, 64, 2, 1, 1, log_dir)  # warm-up: first-request costs out of the numbers
+            for concurrency in args.concurrency:
+                started = time.monotonic()
+                run = bench(server, model, args.input_len, args.output_len, concurrency,
+                            concurrency * args.prompts_per_slot, log_dir)
+                run["concurrency"] = concurrency
+                record["runs"].append(run)
+                print(f"  concurrency {concurrency}: TPOT {run['mean_tpot_ms']:.1f} ms, TTFT "
+                      f"{run['mean_ttft_ms']:.0f} ms, {run['output_throughput']:.1f} tok/s, "
+                      f"failed {run['failed']} ({time.monotonic() - started:.0f}s)", flush=True)
+    except ServerError as err:
+        refusal = _refusal(str(err))
+        record["refused"] = refusal
+        print(f"  refused at start-up: {refusal}", flush=True)
+    return record
+
+
+def _refusal(text: str) -> str:
+    """The exception message of a failed start that says why (vLLM's own error), else the tail."""
+    generic = ("Engine core initialization failed", "cancelled", "EngineCore encountered")
+    for match in re.finditer(r"\b\w*(?:Error|Exception): (.+)", text):
+        message = match.group(1).strip()
+        if not any(g in message for g in generic):
+            return message[:400]
+    return text.strip().splitlines()[-1][:400] if text.strip() else "no output"
+
+
+def predictions(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``vllm-helix plan`` on the measured CPU profile for the same layouts and batches."""
+    rows = []
+    for model_preset, twin_name in (("tiny-deepseek-v3", "deepseek_v3"), ("tiny-llama", "llama_kv1")):
+        if not any(r["model"] == twin_name for r in records):
+            continue
+        for strategy, layout in (("helix", "kvp=2,tpa=1"), ("tp", None)):
+            for batch in args.concurrency:
+                command = [sys.executable, "-m", "vllm_helix.cli", "plan", "--model", model_preset, "--hardware",
+                           "cpu-2core", "--context", str(args.input_len), "--gpus", "2", "--json",
+                           "--batch", str(batch), "--strategies", strategy, "--top", "50"]
+                if layout:
+                    command += ["--helix", layout]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                rows.append({"model": twin_name, "strategy": strategy, "batch": batch,
+                             "command": " ".join(command[1:]), "ok": done.returncode == 0,
+                             "output": _plan_points(done.stdout) if done.returncode == 0
+                             else done.stderr.strip()[-400:]})
+    return rows
+
+
+def _plan_points(stdout: str) -> Any:
+    """Predicted TTL of each 2-worker layout at each batch: ``[{layout, batch, ttl_ms}]``."""
+    try:
+        data = json.loads(stdout)
+    except json.JSONDecodeError:
+        return stdout.strip()[-400:]
+    points = []
+    for p in data.get("ranked", []):
+        if p["gpus"] != 2:
+            continue
+        layout = ",".join(f"{k}={v}" for k, v in p["layout"].items() if v != 1 or k in ("kvp", "tpa"))
+        points.append({"layout": layout, "batch": p["batch"], "ttl_ms": round(p["ttl_ms"], 3)})
+    return sorted(points, key=lambda p: (p["layout"], p["batch"]))
+
+
+def write_results(payload: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve_compare.json").write_text(json.dumps(payload, indent=2) + "\n")
+    flat = [{"model": r["model"], "config": r["config"], "workers": r["workers"], **r.get("kv", {}),
+             **{k: v for k, v in run.items() if k != "command"}}
+            for r in payload["records"] for run in r["runs"]]
+    if flat:
+        with open(RESULTS / "serve_compare.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for row in flat for k in row}))
+            writer.writeheader()
+            writer.writerows(flat)
+    (RESULTS / "serve_compare.md").write_text(markdown(payload))
+    plot(payload, RESULTS / "serve_compare.png")
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    m, s = payload["machine"], payload["settings"]
+    lines = [
+        "# Serving comparison: Helix vs TP (duplicated KV) vs vLLM's DCP, through `vllm bench serve`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f". Date {payload['date']}.",
+        f"Workload: random dataset, {s['input_len']} input tokens, {s['output_len']} output tokens "
+        f"(ignore EOS), {s['prompts_per_slot']} prompts per concurrency slot, concurrency {s['concurrency']}; "
+        f"float32 offline twins, `--max-model-len {s['max_model_len']}`, 1 GiB of KV cache per worker "
+        "(`VLLM_CPU_KVCACHE_SPACE=1`), one core per worker. Reproduce: "
+        "`.venv/bin/python benchmarks/serve_compare.py` (command lines of every server and bench run are "
+        "in serve_compare.json).",
+        "",
+        "| model | configuration | KV cache tokens | max concurrency | concurrency | TTFT mean ms | TPOT mean ms "
+        "| TPOT p99 ms | ITL p50 ms | ITL p99 ms | output tok/s | tok/s/worker | tok/s/user | failed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in payload["records"]:
+        if "refused" in r:
+            lines.append(f"| {r['model']} | {r['config']} | refused by vLLM at start-up: {r['refused']} "
+                         "| | | | | | | | | | | |")
+            continue
+        for run in r["runs"]:
+            per_user = 1000.0 / run["mean_tpot_ms"] if run["mean_tpot_ms"] else 0.0
+            lines.append(
+                f"| {r['model']} | {r['config']} | {r['kv']['kv_cache_tokens']:,} | {r['kv']['max_concurrency']:.1f} "
+                f"| {run['concurrency']} | {run['mean_ttft_ms']:.0f} | {run['mean_tpot_ms']:.1f} | "
+                f"{run['p99_tpot_ms']:.1f} | {run['p50_itl_ms']:.1f} | {run['p99_itl_ms']:.1f} | "
+                f"{run['output_throughput']:.1f} | {run['output_throughput'] / r['workers']:.1f} | "
+                f"{per_user:.1f} | {run['failed']} |")
+    lines += ["", "## Ratios, Helix against TP at equal concurrency", ""]
+    lines += ratio_lines(payload["records"])
+    lines += ["", "## What `vllm-helix plan` predicts on the measured CPU profile", ""]
+    lines += ["| model | strategy | batch | 2-worker layout | predicted TTL ms | measured mean TPOT ms |",
+              "|---|---|---:|---|---:|---:|"]
+    for p in payload["predictions"]:
+        measured = _measured_tpot(payload["records"], p["model"], p["strategy"], p["batch"])
+        points = p["output"] if p["ok"] and isinstance(p["output"], list) else []
+        if not points:
+            lines.append(f"| {p['model']} | {p['strategy']} | {p['batch']} | planner: {p['output']} | | |")
+        for point in points:
+            lines.append(f"| {p['model']} | {p['strategy']} | {p['batch']} | {point['layout']} | {point['ttl_ms']:.2f} "
+                         f"| {measured} |")
+    lines += ["", "Planner commands: `vllm-helix plan --model tiny-deepseek-v3|tiny-llama --hardware cpu-2core "
+              f"--context {s['input_len']} --gpus 2 --batch B --strategies helix|tp [--helix kvp=2,tpa=1]`."]
+    lines += ["", "![Pareto](serve_compare.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _measured_tpot(records: list[dict[str, Any]], model: str, strategy: str, batch: int) -> str:
+    prefix = "Helix" if strategy == "helix" else "TP"
+    for r in records:
+        if r["model"] == model and r["config"].startswith(prefix) and "refused" not in r:
+            for run in r["runs"]:
+                if run["concurrency"] == batch:
+                    return f"{run['mean_tpot_ms']:.1f}"
+    return "-"
+
+
+def ratio_lines(records: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for model in sorted({r["model"] for r in records}):
+        helix = next((r for r in records if r["model"] == model and r["config"].startswith("Helix")
+                      and "refused" not in r), None)
+        tp = next((r for r in records if r["model"] == model and r["config"].startswith("TP")
+                   and "refused" not in r), None)
+        if not helix or not tp:
+            continue
+        out.append(f"- {model}: KV capacity {helix['kv']['kv_cache_tokens'] / tp['kv']['kv_cache_tokens']:.2f}x, "
+                   f"maximum concurrency {helix['kv']['max_concurrency'] / tp['kv']['max_concurrency']:.2f}x; "
+                   + "; ".join(
+                       f"concurrency {h['concurrency']}: TPOT {h['mean_tpot_ms'] / t['mean_tpot_ms']:.2f}x of TP's "
+                       f"({h['mean_tpot_ms']:.1f} vs {t['mean_tpot_ms']:.1f} ms), output tok/s "
+                       f"{h['output_throughput'] / t['output_throughput']:.2f}x"
+                       for h, t in zip(helix["runs"], tp["runs"])))
+    return out
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in payload["records"]})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in payload["records"]:
+            if r["model"] != model or "refused" in r or not r["runs"]:
+                continue
+            xs = [1000.0 / run["mean_tpot_ms"] for run in r["runs"]]
+            ys = [run["output_throughput"] / r["workers"] for run in r["runs"]]
+            ax.plot(xs, ys, marker="o", label=r["config"])
+            for x, y, run in zip(xs, ys, r["runs"]):
+                ax.annotate(f"c={run['concurrency']}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_title(f"{model} twin, {payload['settings']['input_len']} in / {payload['settings']['output_len']} out")
+        ax.set_xlabel("tokens/s/user (1000 / mean TPOT)")
+        ax.set_ylabel("output tokens/s per worker")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="deepseek_v3,llama_kv1", help="twins to compare")
+    parser.add_argument("--input-len", type=int, default=4096)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--concurrency", default="1,4", help="comma list")
+    parser.add_argument("--prompts-per-slot", type=int, default=2)
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 512-token inputs, concurrency 1,2")
+    parser.add_argument("--log-dir", type=Path, default=Path(".cache/serve-compare"))
+    args = parser.parse_args()
+    if args.quick:
+        args.input_len, args.output_len, args.concurrency, args.max_model_len = 512, 16, "1,2", 2048
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    records = []
+    selected = configs(set(args.models.split(",")))
+    for i, config in enumerate(selected, 1):
+        print(f"({i}/{len(selected)})", end=" ")
+        records.append(run_config(config, args, args.log_dir))
+    payload = {
+        "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
+        "settings": {"input_len": args.input_len, "output_len": args.output_len, "concurrency": args.concurrency,
+                     "prompts_per_slot": args.prompts_per_slot, "max_model_len": args.max_model_len},
+        "records": records, "predictions": predictions(records, args),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    write_results(payload)
+    print(markdown(payload))
+    print(f"wrote {RESULTS}/serve_compare.{{json,csv,md,png}} in {payload['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
