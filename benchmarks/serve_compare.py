@@ -110,17 +110,18 @@ def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[
             print(f"  up in {server.start_s:.0f}s; KV cache {record['kv']['kv_cache_tokens']:,} tokens, "
                   f"max concurrency {record['kv']['max_concurrency']:.1f}x", flush=True)
             bench(server, model, 64, 2, 1, 1, log_dir)  # warm-up: first-request costs out of the numbers
-            for concurrency in args.concurrency:
-                started = time.monotonic()
-                run = bench(server, model, args.input_len, args.output_len, concurrency,
-                            concurrency * args.prompts_per_slot, log_dir)
-                run["concurrency"] = concurrency
-                record["runs"].append(run)
-                print(f"  concurrency {concurrency}: TPOT {run['mean_tpot_ms']:.1f} ms, TTFT "
-                      f"{run['mean_ttft_ms']:.0f} ms, {run['output_throughput']:.1f} tok/s, "
-                      f"failed {run['failed']} ({time.monotonic() - started:.0f}s)", flush=True)
+            for input_len in args.input_lens:
+                for concurrency in args.concurrency:
+                    started = time.monotonic()
+                    run = bench(server, model, input_len, args.output_len, concurrency,
+                                concurrency * args.prompts_per_slot, log_dir)
+                    run.update(concurrency=concurrency, input_len=input_len)
+                    record["runs"].append(run)
+                    print(f"  {input_len} in, concurrency {concurrency}: TPOT {run['mean_tpot_ms']:.1f} ms, TTFT "
+                          f"{run['mean_ttft_ms']:.0f} ms, {run['output_throughput']:.1f} tok/s, "
+                          f"failed {run['failed']} ({time.monotonic() - started:.0f}s)", flush=True)
     except ServerError as err:
-        refusal = _refusal(str(err))
+        refusal = _refusal(log.read_text(errors="replace") if log.exists() else str(err))
         record["refused"] = refusal
         print(f"  refused at start-up: {refusal}", flush=True)
     return record
@@ -128,32 +129,32 @@ def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[
 
 def _refusal(text: str) -> str:
     """The exception message of a failed start that says why (vLLM's own error), else the tail."""
-    generic = ("Engine core initialization failed", "cancelled", "EngineCore encountered")
-    for match in re.finditer(r"\b\w*(?:Error|Exception): (.+)", text):
-        message = match.group(1).strip()
-        if not any(g in message for g in generic):
-            return message[:400]
+    generic = ("Engine core initialization failed", "cancelled", "EngineCore encountered", "Worker failed")
+    for line in text.splitlines():
+        match = re.search(r"\b\w+(?:Error|Exception): (.+)", line)
+        if match and " WARNING " not in line and not any(g in match.group(1) for g in generic):
+            return match.group(1).strip()[:400]
     return text.strip().splitlines()[-1][:400] if text.strip() else "no output"
 
 
 def predictions(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``vllm-helix plan`` on the measured CPU profile for the same layouts and batches."""
+    """``vllm-helix plan`` on the measured CPU profile for the same layouts, contexts and batches."""
     rows = []
-    for model_preset, twin_name in (("tiny-deepseek-v3", "deepseek_v3"), ("tiny-llama", "llama_kv1")):
-        if not any(r["model"] == twin_name for r in records):
-            continue
+    for twin_name in sorted({r["model"] for r in records}):
+        model_preset = str(twin(twin_name))  # the planner reads the twin's own config.json
         for strategy, layout in (("helix", "kvp=2,tpa=1"), ("tp", None)):
-            for batch in args.concurrency:
-                command = [sys.executable, "-m", "vllm_helix.cli", "plan", "--model", model_preset, "--hardware",
-                           "cpu-2core", "--context", str(args.input_len), "--gpus", "2", "--json",
-                           "--batch", str(batch), "--strategies", strategy, "--top", "50"]
-                if layout:
-                    command += ["--helix", layout]
-                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-                rows.append({"model": twin_name, "strategy": strategy, "batch": batch,
-                             "command": " ".join(command[1:]), "ok": done.returncode == 0,
-                             "output": _plan_points(done.stdout) if done.returncode == 0
-                             else done.stderr.strip()[-400:]})
+            for input_len in args.input_lens:
+                for batch in args.concurrency:
+                    command = [sys.executable, "-m", "vllm_helix.cli", "plan", "--model", model_preset,
+                               "--hardware", "cpu-2core", "--context", str(input_len), "--gpus", "2", "--json",
+                               "--batch", str(batch), "--strategies", strategy, "--top", "50"]
+                    if layout:
+                        command += ["--helix", layout]
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                    rows.append({"model": twin_name, "strategy": strategy, "batch": batch, "input_len": input_len,
+                                 "command": " ".join(command[1:]), "ok": done.returncode == 0,
+                                 "output": _plan_points(done.stdout) if done.returncode == 0
+                                 else done.stderr.strip()[-400:]})
     return rows
 
 
@@ -194,55 +195,55 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f". Date {payload['date']}.",
-        f"Workload: random dataset, {s['input_len']} input tokens, {s['output_len']} output tokens "
+        f"Workload: random dataset, {' and '.join(map(str, s['input_lens']))} input tokens, {s['output_len']} output tokens "
         f"(ignore EOS), {s['prompts_per_slot']} prompts per concurrency slot, concurrency {s['concurrency']}; "
         f"float32 offline twins, `--max-model-len {s['max_model_len']}`, 1 GiB of KV cache per worker "
         "(`VLLM_CPU_KVCACHE_SPACE=1`), one core per worker. Reproduce: "
         "`.venv/bin/python benchmarks/serve_compare.py` (command lines of every server and bench run are "
         "in serve_compare.json).",
         "",
-        "| model | configuration | KV cache tokens | max concurrency | concurrency | TTFT mean ms | TPOT mean ms "
-        "| TPOT p99 ms | ITL p50 ms | ITL p99 ms | output tok/s | tok/s/worker | tok/s/user | failed |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | configuration | KV cache tokens | max concurrency | input | concurrency | TTFT mean ms "
+        "| TPOT mean ms | TPOT p99 ms | ITL p50 ms | ITL p99 ms | output tok/s | tok/s/worker | tok/s/user | failed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in payload["records"]:
         if "refused" in r:
             lines.append(f"| {r['model']} | {r['config']} | refused by vLLM at start-up: {r['refused']} "
-                         "| | | | | | | | | | | |")
+                         "| | | | | | | | | | | | |")
             continue
         for run in r["runs"]:
             per_user = 1000.0 / run["mean_tpot_ms"] if run["mean_tpot_ms"] else 0.0
             lines.append(
                 f"| {r['model']} | {r['config']} | {r['kv']['kv_cache_tokens']:,} | {r['kv']['max_concurrency']:.1f} "
-                f"| {run['concurrency']} | {run['mean_ttft_ms']:.0f} | {run['mean_tpot_ms']:.1f} | "
+                f"| {run['input_len']} | {run['concurrency']} | {run['mean_ttft_ms']:.0f} | {run['mean_tpot_ms']:.1f} | "
                 f"{run['p99_tpot_ms']:.1f} | {run['p50_itl_ms']:.1f} | {run['p99_itl_ms']:.1f} | "
                 f"{run['output_throughput']:.1f} | {run['output_throughput'] / r['workers']:.1f} | "
                 f"{per_user:.1f} | {run['failed']} |")
     lines += ["", "## Ratios, Helix against TP at equal concurrency", ""]
     lines += ratio_lines(payload["records"])
     lines += ["", "## What `vllm-helix plan` predicts on the measured CPU profile", ""]
-    lines += ["| model | strategy | batch | 2-worker layout | predicted TTL ms | measured mean TPOT ms |",
-              "|---|---|---:|---|---:|---:|"]
+    lines += ["| model | strategy | context | batch | 2-worker layout | predicted TTL ms | measured mean TPOT ms |",
+              "|---|---|---:|---:|---|---:|---:|"]
     for p in payload["predictions"]:
-        measured = _measured_tpot(payload["records"], p["model"], p["strategy"], p["batch"])
+        measured = _measured_tpot(payload["records"], p["model"], p["strategy"], p["input_len"], p["batch"])
         points = p["output"] if p["ok"] and isinstance(p["output"], list) else []
         if not points:
-            lines.append(f"| {p['model']} | {p['strategy']} | {p['batch']} | planner: {p['output']} | | |")
+            lines.append(f"| {p['model']} | {p['strategy']} | {p['input_len']} | {p['batch']} | planner: {p['output']} | | |")
         for point in points:
-            lines.append(f"| {p['model']} | {p['strategy']} | {p['batch']} | {point['layout']} | {point['ttl_ms']:.2f} "
-                         f"| {measured} |")
-    lines += ["", "Planner commands: `vllm-helix plan --model tiny-deepseek-v3|tiny-llama --hardware cpu-2core "
-              f"--context {s['input_len']} --gpus 2 --batch B --strategies helix|tp [--helix kvp=2,tpa=1]`."]
+            lines.append(f"| {p['model']} | {p['strategy']} | {p['input_len']} | {p['batch']} | {point['layout']} "
+                         f"| {point['ttl_ms']:.2f} | {measured} |")
+    lines += ["", "Planner commands: `vllm-helix plan --model .cache/twins/<twin> --hardware cpu-2core "
+              "--context N --gpus 2 --batch B --strategies helix|tp [--helix kvp=2,tpa=1]`."]
     lines += ["", "![Pareto](serve_compare.png)", ""]
     return "\n".join(lines) + "\n"
 
 
-def _measured_tpot(records: list[dict[str, Any]], model: str, strategy: str, batch: int) -> str:
+def _measured_tpot(records: list[dict[str, Any]], model: str, strategy: str, input_len: int, batch: int) -> str:
     prefix = "Helix" if strategy == "helix" else "TP"
     for r in records:
         if r["model"] == model and r["config"].startswith(prefix) and "refused" not in r:
             for run in r["runs"]:
-                if run["concurrency"] == batch:
+                if run["concurrency"] == batch and run["input_len"] == input_len:
                     return f"{run['mean_tpot_ms']:.1f}"
     return "-"
 
@@ -259,7 +260,7 @@ def ratio_lines(records: list[dict[str, Any]]) -> list[str]:
         out.append(f"- {model}: KV capacity {helix['kv']['kv_cache_tokens'] / tp['kv']['kv_cache_tokens']:.2f}x, "
                    f"maximum concurrency {helix['kv']['max_concurrency'] / tp['kv']['max_concurrency']:.2f}x; "
                    + "; ".join(
-                       f"concurrency {h['concurrency']}: TPOT {h['mean_tpot_ms'] / t['mean_tpot_ms']:.2f}x of TP's "
+                       f"{h['input_len']} in, concurrency {h['concurrency']}: TPOT {h['mean_tpot_ms'] / t['mean_tpot_ms']:.2f}x of TP's "
                        f"({h['mean_tpot_ms']:.1f} vs {t['mean_tpot_ms']:.1f} ms), output tok/s "
                        f"{h['output_throughput'] / t['output_throughput']:.2f}x"
                        for h, t in zip(helix["runs"], tp["runs"])))
@@ -278,12 +279,15 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         for r in payload["records"]:
             if r["model"] != model or "refused" in r or not r["runs"]:
                 continue
-            xs = [1000.0 / run["mean_tpot_ms"] for run in r["runs"]]
-            ys = [run["output_throughput"] / r["workers"] for run in r["runs"]]
-            ax.plot(xs, ys, marker="o", label=r["config"])
-            for x, y, run in zip(xs, ys, r["runs"]):
-                ax.annotate(f"c={run['concurrency']}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ax.set_title(f"{model} twin, {payload['settings']['input_len']} in / {payload['settings']['output_len']} out")
+            for input_len in sorted({run["input_len"] for run in r["runs"]}):
+                runs = [run for run in r["runs"] if run["input_len"] == input_len]
+                xs = [1000.0 / run["mean_tpot_ms"] for run in runs]
+                ys = [run["output_throughput"] / r["workers"] for run in runs]
+                ax.plot(xs, ys, marker="o", label=f"{r['config']}, {input_len} in")
+                for x, y, run in zip(xs, ys, runs):
+                    ax.annotate(f"c={run['concurrency']}", (x, y), fontsize=7, textcoords="offset points",
+                                xytext=(3, 3))
+        ax.set_title(f"{model} twin, {payload['settings']['output_len']} output tokens")
         ax.set_xlabel("tokens/s/user (1000 / mean TPOT)")
         ax.set_ylabel("output tokens/s per worker")
         ax.grid(alpha=0.3)
@@ -296,17 +300,18 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="deepseek_v3,llama_kv1", help="twins to compare")
-    parser.add_argument("--input-len", type=int, default=4096)
+    parser.add_argument("--input-lens", default="4096,16384", help="comma list of prompt lengths")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--concurrency", default="1,4", help="comma list")
     parser.add_argument("--prompts-per-slot", type=int, default=2)
-    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--max-model-len", type=int, default=16384 + 64)
     parser.add_argument("--quick", action="store_true", help="smoke run: 512-token inputs, concurrency 1,2")
     parser.add_argument("--log-dir", type=Path, default=Path(".cache/serve-compare"))
     args = parser.parse_args()
     if args.quick:
-        args.input_len, args.output_len, args.concurrency, args.max_model_len = 512, 16, "1,2", 2048
+        args.input_lens, args.output_len, args.concurrency, args.max_model_len = "512", 16, "1,2", 2048
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.input_lens = [int(n) for n in args.input_lens.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     records = []
@@ -316,7 +321,7 @@ def main() -> None:
         records.append(run_config(config, args, args.log_dir))
     payload = {
         "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-        "settings": {"input_len": args.input_len, "output_len": args.output_len, "concurrency": args.concurrency,
+        "settings": {"input_lens": args.input_lens, "output_len": args.output_len, "concurrency": args.concurrency,
                      "prompts_per_slot": args.prompts_per_slot, "max_model_len": args.max_model_len},
         "records": records, "predictions": predictions(records, args),
         "wall_s": round(time.monotonic() - started, 1),

