@@ -12,7 +12,7 @@ the measured CPU profile (``configs/hardware/cpu-2core.yaml``).
 
 Writes ``benchmarks/results/serve_compare.{json,csv,md,png}``.
 
-    .venv/bin/python benchmarks/serve_compare.py            # the committed run (~15 min on 2 cores)
+    .venv/bin/python benchmarks/serve_compare.py            # the committed run (~20 min on 2 cores)
     .venv/bin/python benchmarks/serve_compare.py --quick    # smoke run
 """
 
@@ -110,16 +110,15 @@ def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[
             print(f"  up in {server.start_s:.0f}s; KV cache {record['kv']['kv_cache_tokens']:,} tokens, "
                   f"max concurrency {record['kv']['max_concurrency']:.1f}x", flush=True)
             bench(server, model, 64, 2, 1, 1, log_dir)  # warm-up: first-request costs out of the numbers
-            for input_len in args.input_lens:
-                for concurrency in args.concurrency:
-                    started = time.monotonic()
-                    run = bench(server, model, input_len, args.output_len, concurrency,
-                                concurrency * args.prompts_per_slot, log_dir)
-                    run.update(concurrency=concurrency, input_len=input_len)
-                    record["runs"].append(run)
-                    print(f"  {input_len} in, concurrency {concurrency}: TPOT {run['mean_tpot_ms']:.1f} ms, TTFT "
-                          f"{run['mean_ttft_ms']:.0f} ms, {run['output_throughput']:.1f} tok/s, "
-                          f"failed {run['failed']} ({time.monotonic() - started:.0f}s)", flush=True)
+            for input_len, concurrency in args.sweep:
+                started = time.monotonic()
+                run = bench(server, model, input_len, args.output_len, concurrency,
+                            concurrency * args.prompts_per_slot, log_dir)
+                run.update(concurrency=concurrency, input_len=input_len)
+                record["runs"].append(run)
+                print(f"  {input_len} in, concurrency {concurrency}: TPOT {run['mean_tpot_ms']:.1f} ms, TTFT "
+                      f"{run['mean_ttft_ms']:.0f} ms, {run['output_throughput']:.1f} tok/s, "
+                      f"failed {run['failed']} ({time.monotonic() - started:.0f}s)", flush=True)
     except ServerError as err:
         refusal = _refusal(log.read_text(errors="replace") if log.exists() else str(err))
         record["refused"] = refusal
@@ -143,18 +142,17 @@ def predictions(records: list[dict[str, Any]], args: argparse.Namespace) -> list
     for twin_name in sorted({r["model"] for r in records}):
         model_preset = str(twin(twin_name))  # the planner reads the twin's own config.json
         for strategy, layout in (("helix", "kvp=2,tpa=1"), ("tp", None)):
-            for input_len in args.input_lens:
-                for batch in args.concurrency:
-                    command = [sys.executable, "-m", "vllm_helix.cli", "plan", "--model", model_preset,
-                               "--hardware", "cpu-2core", "--context", str(input_len), "--gpus", "2", "--json",
-                               "--batch", str(batch), "--strategies", strategy, "--top", "50"]
-                    if layout:
-                        command += ["--helix", layout]
-                    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-                    rows.append({"model": twin_name, "strategy": strategy, "batch": batch, "input_len": input_len,
-                                 "command": " ".join(command[1:]), "ok": done.returncode == 0,
-                                 "output": _plan_points(done.stdout) if done.returncode == 0
-                                 else done.stderr.strip()[-400:]})
+            for input_len, batch in args.sweep:
+                command = [sys.executable, "-m", "vllm_helix.cli", "plan", "--model", model_preset,
+                           "--hardware", "cpu-2core", "--context", str(input_len), "--gpus", "2", "--json",
+                           "--batch", str(batch), "--strategies", strategy, "--top", "50"]
+                if layout:
+                    command += ["--helix", layout]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                rows.append({"model": twin_name, "strategy": strategy, "batch": batch, "input_len": input_len,
+                             "command": " ".join(command[1:]), "ok": done.returncode == 0,
+                             "output": _plan_points(done.stdout) if done.returncode == 0
+                             else done.stderr.strip()[-400:]})
     return rows
 
 
@@ -195,8 +193,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f". Date {payload['date']}.",
-        f"Workload: random dataset, {' and '.join(map(str, s['input_lens']))} input tokens, {s['output_len']} output tokens "
-        f"(ignore EOS), {s['prompts_per_slot']} prompts per concurrency slot, concurrency {s['concurrency']}; "
+        f"Workload: random dataset, (input tokens x concurrency) points {', '.join(f'{n}x{c}' for n, c in s['sweep'])}, "
+        f"{s['output_len']} output tokens (ignore EOS), {s['prompts_per_slot']} prompts per concurrency slot; "
         f"float32 offline twins, `--max-model-len {s['max_model_len']}`, 1 GiB of KV cache per worker "
         "(`VLLM_CPU_KVCACHE_SPACE=1`), one core per worker. Reproduce: "
         "`.venv/bin/python benchmarks/serve_compare.py` (command lines of every server and bench run are "
@@ -300,18 +298,17 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="deepseek_v3,llama_kv1", help="twins to compare")
-    parser.add_argument("--input-lens", default="4096,16384", help="comma list of prompt lengths")
+    parser.add_argument("--sweep", default="4096x1,4096x4,16384x1",
+                        help="comma list of INPUT_LENxCONCURRENCY points (16K prefill takes ~70 s on 1 core)")
     parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--concurrency", default="1,4", help="comma list")
     parser.add_argument("--prompts-per-slot", type=int, default=2)
     parser.add_argument("--max-model-len", type=int, default=16384 + 64)
     parser.add_argument("--quick", action="store_true", help="smoke run: 512-token inputs, concurrency 1,2")
     parser.add_argument("--log-dir", type=Path, default=Path(".cache/serve-compare"))
     args = parser.parse_args()
     if args.quick:
-        args.input_lens, args.output_len, args.concurrency, args.max_model_len = "512", 16, "1,2", 2048
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    args.input_lens = [int(n) for n in args.input_lens.split(",")]
+        args.sweep, args.output_len, args.max_model_len = "512x1,512x2", 16, 2048
+    args.sweep = [tuple(int(v) for v in point.split("x")) for point in args.sweep.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     records = []
@@ -321,7 +318,7 @@ def main() -> None:
         records.append(run_config(config, args, args.log_dir))
     payload = {
         "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-        "settings": {"input_lens": args.input_lens, "output_len": args.output_len, "concurrency": args.concurrency,
+        "settings": {"sweep": args.sweep, "output_len": args.output_len,
                      "prompts_per_slot": args.prompts_per_slot, "max_model_len": args.max_model_len},
         "records": records, "predictions": predictions(records, args),
         "wall_s": round(time.monotonic() - started, 1),
