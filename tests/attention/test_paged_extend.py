@@ -33,10 +33,13 @@ def _problem(seed: int, dtype: torch.dtype, kv_heads: int):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kv_heads", [1, 2, 8])
 @pytest.mark.parametrize("query_chunk", [1, 5, 256])
-def test_extend_equals_one_decode_per_query_token(fresh_seed: int, dtype, kv_heads: int, query_chunk: int) -> None:
+@pytest.mark.parametrize("kernel", ["reference", "flash"])
+def test_extend_equals_one_decode_per_query_token(fresh_seed: int, dtype, kv_heads: int, query_chunk: int,
+                                                  kernel: str) -> None:
     query, key_cache, value_cache, table, visible = _problem(fresh_seed, dtype, kv_heads)
-    out, lse = paged_extend(query, key_cache, value_cache, table, visible, 0.3, query_chunk=query_chunk)
-    ref_out, ref_lse = paged_decode(query, key_cache, value_cache, table, visible, 0.3)
+    out, lse = paged_extend(query, key_cache, value_cache, table, visible, 0.3, query_chunk=query_chunk,
+                            kernel=kernel)
+    ref_out, ref_lse = paged_decode(query, key_cache, value_cache, table, visible, 0.3, kernel="reference")
     assert out.dtype == dtype and not torch.isnan(out).any()
     seen = visible > 0
     assert torch.all(out[~seen] == 0) and torch.all(lse[~seen] == float("-inf"))
@@ -44,12 +47,13 @@ def test_extend_equals_one_decode_per_query_token(fresh_seed: int, dtype, kv_hea
     assert float((lse[seen] - ref_lse[seen]).abs().max()) <= TOLERANCE[dtype]
 
 
-def test_tokens_of_other_sequences_never_leak(fresh_seed: int) -> None:
+@pytest.mark.parametrize("kernel", ["reference", "flash"])
+def test_tokens_of_other_sequences_never_leak(fresh_seed: int, kernel: str) -> None:
     query, key_cache, value_cache, table, visible = _problem(fresh_seed, torch.float64, 2)
-    baseline, _ = paged_extend(query, key_cache, value_cache, table, visible, 0.3)
+    baseline, _ = paged_extend(query, key_cache, value_cache, table, visible, 0.3, kernel=kernel)
     poisoned_k, poisoned_v = key_cache.clone(), value_cache.clone()
     unused = sorted(set(range(key_cache.shape[0])) - set(table.flatten().tolist()))
     poisoned_k[unused] = float("nan")
     poisoned_v[unused] = float("nan")
-    out, _ = paged_extend(query, poisoned_k, poisoned_v, table, visible, 0.3)
+    out, _ = paged_extend(query, poisoned_k, poisoned_v, table, visible, 0.3, kernel=kernel)
     assert torch.equal(out, baseline)

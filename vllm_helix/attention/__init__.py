@@ -2,7 +2,8 @@
 
 One decode step on one rank (shapes for batch B, H query heads, N = kvp * tpa):
 
-1. ``paged_decode`` / ``paged_decode_mla`` (or the FlashInfer decoders on CUDA):
+1. ``paged_decode`` / ``paged_decode_mla`` (torch's CPU flash kernel on CPU,
+   :mod:`~vllm_helix.attention.cpu_flash`; or the FlashInfer decoders on CUDA):
    queries ``[B, H/TPA, D]`` against this rank's KV shard -> partial
    ``out [B, H/TPA, Dv]`` and ``lse [B, H/TPA]``.
 2. ``KVPExchange``: one all-to-all over the KVP group -> ``[kvp, B, H/N, Dv]``.

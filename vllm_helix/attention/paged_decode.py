@@ -1,8 +1,11 @@
 """Per-shard decode attention over a paged KV cache, returning the log-sum-exp.
 
-The torch implementation is the CPU production path and the reference every
-faster kernel is tested against. It runs on any device, accumulates in float32
-(float64 for float64 inputs), and returns the natural-log LSE that the Helix
+Two kernels behind one call (``kernel=``): ``"reference"``, written in plain torch
+ops for any device, accumulating in float32 (float64 for float64 inputs): the
+reference every faster kernel is tested against; and ``"flash"``, torch's fused
+CPU flash-attention kernel over views of the cache
+(:mod:`~vllm_helix.attention.cpu_flash`), the CPU production path. ``"auto"``
+(the default) picks flash on CPU. Both return the natural-log LSE that the Helix
 combine needs. A sequence whose shard is empty (local length 0) returns zeros and
 ``lse = -inf``, so it weighs nothing in the combine.
 
@@ -19,13 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from vllm_helix.attention.cpu_flash import Kernel, flash_extend, use_flash
 from vllm_helix.attention.merge import accumulation_dtype
-
-
-def read_sequence(cache: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` tokens of one sequence's shard, in order: ``[length, ...]``."""
-    num_blocks = -(-length // cache.shape[1])
-    return cache[block_row[:num_blocks].to(torch.int64)].flatten(0, 1)[:length]
+from vllm_helix.attention.paged_cache import read_sequence
 
 
 def _decode(
@@ -72,6 +71,7 @@ def paged_decode(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    kernel: Kernel = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query token per sequence against its paged KV shard.
 
@@ -82,12 +82,16 @@ def paged_decode(
         block_table: ``[batch, max_blocks]`` block ids of each sequence's shard.
         seq_lens: ``[batch]`` tokens of each sequence in this shard (may be 0).
         scale: softmax scale applied to ``q . k``.
+        kernel: ``"auto"``, ``"flash"`` (CPU) or ``"reference"`` (see the module docstring).
 
     Returns:
         ``(out [batch, num_heads, head_dim_v]`` in the query's dtype,
         ``lse [batch, num_heads]`` natural log in the accumulation dtype).
         Query head ``h`` attends KV head ``h // (num_heads // num_kv_heads)``.
     """
+    if use_flash(query, kernel, key_cache.shape[-1], value_cache.shape[-1]):
+        # A decode is an extend with one query token per sequence that sees its whole shard.
+        return flash_extend(query, key_cache, value_cache, block_table, seq_lens, scale)
 
     def read_kv(block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return read_sequence(key_cache, block_row, length), read_sequence(
@@ -104,6 +108,7 @@ def paged_decode_mla(
     seq_lens: torch.Tensor,
     scale: float,
     kv_lora_rank: int,
+    kernel: Kernel = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode with the absorbed query: returns ``([batch, heads, kv_lora_rank], lse)``.
 
@@ -111,11 +116,18 @@ def paged_decode_mla(
         query: ``[batch, num_heads, kv_lora_rank + rope_dim]`` absorbed query.
         latent_cache: ``[num_blocks, block_size, kv_lora_rank + rope_dim]``.
         kv_lora_rank: latent dims that double as the value (512 for DeepSeek).
+        kernel: ``"auto"``, ``"flash"`` (CPU) or ``"reference"`` (see the module docstring).
     """
     if query.shape[-1] != latent_cache.shape[-1]:
         raise ValueError(
             f"absorbed query dim {query.shape[-1]} != latent cache dim {latent_cache.shape[-1]}"
         )
+    if use_flash(query, kernel, latent_cache.shape[-1], latent_cache.shape[-1]):
+        # The latent is the one KV head and, whole, the value: its first kv_lora_rank
+        # output dims are the MLA output (the rope dims' share is computed and dropped).
+        latent = latent_cache.unsqueeze(2)
+        out, lse = flash_extend(query, latent, latent, block_table, seq_lens, scale)
+        return out[..., :kv_lora_rank].contiguous(), lse
 
     def read_kv(block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         # One latent KV head shared by every query head; read once, used as K and V.

@@ -9,27 +9,17 @@ is quadratic in bytes for long prompts. This kernel reads each sequence's shard
 once and attends all of its query tokens to it with a prefix mask, in query
 chunks that bound the score matrix. Returns the partial output and the natural
 log-sum-exp; a token that sees nothing (``visible = 0``) gets zeros and ``-inf``.
+As :func:`~vllm_helix.attention.paged_decode.paged_decode`, it runs on torch's CPU
+flash kernel by default (``kernel="auto"``) and keeps the plain-torch reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm_helix.attention.cpu_flash import DEFAULT_QUERY_CHUNK, Kernel, flash_extend, use_flash
 from vllm_helix.attention.merge import accumulation_dtype
-from vllm_helix.attention.paged_decode import read_sequence
-
-# Query tokens per score block: [chunk, heads, visible] stays ~100 MB at 8K-token shards.
-DEFAULT_QUERY_CHUNK = 256
-
-
-def _row_groups(block_table: torch.Tensor) -> list[tuple[int, int]]:
-    """``[start, end)`` runs of consecutive query tokens that share a block-table row."""
-    tokens = block_table.shape[0]
-    if tokens == 0:
-        return []
-    changes = (block_table[1:] != block_table[:-1]).any(dim=1).nonzero().flatten() + 1
-    edges = [0, *changes.tolist(), tokens]
-    return list(zip(edges[:-1], edges[1:]))
+from vllm_helix.attention.paged_cache import read_sequence, row_groups
 
 
 def paged_extend(
@@ -40,6 +30,7 @@ def paged_extend(
     visible_lens: torch.Tensor,
     scale: float,
     query_chunk: int = DEFAULT_QUERY_CHUNK,
+    kernel: Kernel = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query token over the first ``visible_lens[t]`` tokens of its shard.
 
@@ -50,18 +41,22 @@ def paged_extend(
             sequence are consecutive, as in vLLM's flattened batches).
         visible_lens: ``[tokens]`` shard tokens each query may see (0 allowed).
         scale: softmax scale.
+        query_chunk: query tokens per score block (bounds the temporaries).
+        kernel: ``"auto"``, ``"flash"`` (CPU) or ``"reference"``.
 
     Returns:
         ``(out [tokens, num_heads, head_dim_v]`` in the query's dtype,
         ``lse [tokens, num_heads]`` natural log in the accumulation dtype).
     """
+    if use_flash(query, kernel, key_cache.shape[-1], value_cache.shape[-1]):
+        return flash_extend(query, key_cache, value_cache, block_table, visible_lens, scale, query_chunk)
     tokens, num_heads, _ = query.shape
     acc = accumulation_dtype(query.dtype)
     head_dim_v = value_cache.shape[-1]
     out = torch.zeros(tokens, num_heads, head_dim_v, dtype=acc, device=query.device)
     lse = torch.full((tokens, num_heads), float("-inf"), dtype=acc, device=query.device)
     visible = visible_lens.to(torch.int64)
-    for start, end in _row_groups(block_table):
+    for start, end in row_groups(block_table):
         longest = int(visible[start:end].max())
         if longest == 0:
             continue

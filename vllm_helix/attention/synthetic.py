@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_helix.attention.cpu_flash import Kernel
 from vllm_helix.attention.exchange import KVPExchange
 from vllm_helix.attention.hopb import helix_decode
 from vllm_helix.attention.paged_decode import paged_decode, paged_decode_mla
@@ -113,14 +114,24 @@ class RankShard:
 
 
 def global_block_table(spec: ProblemSpec, striping: KVStriping) -> tuple[torch.Tensor, int]:
-    """A shuffled vLLM-style block table (each entry covers block_size*kvp tokens)."""
+    """A vLLM-style block table (each entry covers block_size*kvp tokens) as a server has them.
+
+    Block ids come in runs of consecutive ids (1 to 12 blocks, as a prompt or a
+    prefill chunk is allocated at once) in shuffled order, so kernels meet both
+    contiguous runs and scattered blocks.
+    """
     gen = torch.Generator().manual_seed(spec.seed + 1)
     blocks = striping.blocks_needed(torch.tensor(spec.seq_lens, dtype=torch.int64))
     width = max(1, int(blocks.max()) if len(blocks) else 1)
     total = int(blocks.sum())
     # Two spare blocks so padding entries point at real (NaN) blocks too.
     num_blocks = total + 2
-    ids = torch.randperm(num_blocks, generator=gen)
+    runs, start = [], 0
+    while start < num_blocks:
+        length = int(torch.randint(1, 13, (1,), generator=gen))
+        runs.append(torch.arange(start, min(num_blocks, start + length)))
+        start += length
+    ids = torch.cat([runs[i] for i in torch.randperm(len(runs), generator=gen).tolist()])
     table = torch.full((len(spec.seq_lens), width), -1, dtype=torch.int32)
     start = 0
     for row, count in enumerate(blocks.tolist()):
@@ -163,14 +174,14 @@ def shard_for_rank(problem: DecodeProblem, layout: HelixLayout, rank: int, strip
     )
 
 
-def shard_decoder(shard: RankShard, spec: ProblemSpec):
+def shard_decoder(shard: RankShard, spec: ProblemSpec, kernel: Kernel = "auto"):
     """The torch per-shard decode bound to this shard's caches (a ``ShardDecode``)."""
     if spec.mla:
         return lambda q, table, lens: paged_decode_mla(
-            q, shard.key_cache, table, lens, spec.scale, MLA_KV_LORA_RANK
+            q, shard.key_cache, table, lens, spec.scale, MLA_KV_LORA_RANK, kernel
         )
     return lambda q, table, lens: paged_decode(
-        q, shard.key_cache, shard.value_cache, table, lens, spec.scale
+        q, shard.key_cache, shard.value_cache, table, lens, spec.scale, kernel
     )
 
 
