@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,21 +27,10 @@ from vllm_helix.attention.exchange import KVPExchange
 from vllm_helix.attention.hopb import helix_decode
 from vllm_helix.attention.synthetic import HelixCase, ProblemSpec, make_problem, shard_decoder, shard_for_rank
 from vllm_helix.layout import build_helix_groups
-from vllm_helix.machine import describe_machine
+from vllm_helix.machine import describe_machine, median_seconds
 from vllm_helix.spawn import run_ranks
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def _timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def time_parts(rank: int, world: int, case: HelixCase, hopb: int, repeats: int) -> dict[str, float]:
@@ -58,10 +45,10 @@ def time_parts(rank: int, world: int, case: HelixCase, hopb: int, repeats: int) 
         return lambda: helix_decode(decode, shard.query, shard.block_table, shard.seq_lens, exchange, micro_batches)
 
     return {
-        "local_ms": 1e3 * _timed(lambda: decode(shard.query, shard.block_table, shard.seq_lens), repeats),
-        "exchange_ms": 1e3 * _timed(lambda: exchange.start(out, lse).wait(), repeats),
-        "helix_hopb1_ms": 1e3 * _timed(step(1), repeats),
-        "helix_hopb_ms": 1e3 * _timed(step(hopb), repeats),
+        "local_ms": 1e3 * median_seconds(lambda: decode(shard.query, shard.block_table, shard.seq_lens), repeats),
+        "exchange_ms": 1e3 * median_seconds(lambda: exchange.start(out, lse).wait(), repeats),
+        "helix_hopb1_ms": 1e3 * median_seconds(step(1), repeats),
+        "helix_hopb_ms": 1e3 * median_seconds(step(hopb), repeats),
     }
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from vllm_helix.machine import describe_machine
+from vllm_helix.machine import describe_machine, median_seconds
 from vllm_helix.moe_grid import GridShard
 
 RESULTS = Path(__file__).parent / "results"
@@ -72,13 +71,7 @@ def time_rank(shard: GridShard, w13: torch.Tensor, w2: torch.Tensor, x: torch.Te
         experts.apply(out, x, a, b, weights, ids, MoEActivation.SILU, shard.num_experts, expert_map,
                       None, None, empty, empty, None, False)
 
-    step()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return median_seconds(step, repeats)
 
 
 def bytes_read(shard: GridShard, ids: torch.Tensor, hidden: int, element_size: int) -> int:

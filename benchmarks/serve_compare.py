@@ -219,6 +219,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"{per_user:.1f} | {run['failed']} |")
     lines += ["", "## Ratios, Helix against TP at equal concurrency", ""]
     lines += ratio_lines(payload["records"])
+    lines += ["", "## Reading", ""]
+    lines += reading_lines(payload)
     lines += ["", "## What `vllm-helix plan` predicts on the measured CPU profile", ""]
     lines += ["| model | strategy | context | batch | 2-worker layout | predicted TTL ms | measured mean TPOT ms |",
               "|---|---|---:|---:|---|---:|---:|"]
@@ -246,13 +248,18 @@ def _measured_tpot(records: list[dict[str, Any]], model: str, strategy: str, inp
     return "-"
 
 
+def _helix_and_tp(records: list[dict[str, Any]], model: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The model's Helix and TP records that started (either may be None)."""
+    def started(prefix: str) -> dict[str, Any] | None:
+        return next((r for r in records if r["model"] == model and r["config"].startswith(prefix)
+                     and "refused" not in r), None)
+    return started("Helix"), started("TP")
+
+
 def ratio_lines(records: list[dict[str, Any]]) -> list[str]:
     out = []
     for model in sorted({r["model"] for r in records}):
-        helix = next((r for r in records if r["model"] == model and r["config"].startswith("Helix")
-                      and "refused" not in r), None)
-        tp = next((r for r in records if r["model"] == model and r["config"].startswith("TP")
-                   and "refused" not in r), None)
+        helix, tp = _helix_and_tp(records, model)
         if not helix or not tp:
             continue
         out.append(f"- {model}: KV capacity {helix['kv']['kv_cache_tokens'] / tp['kv']['kv_cache_tokens']:.2f}x, "
@@ -263,6 +270,58 @@ def ratio_lines(records: list[dict[str, Any]]) -> list[str]:
                        f"{h['output_throughput'] / t['output_throughput']:.2f}x"
                        for h, t in zip(helix["runs"], tp["runs"])))
     return out
+
+
+def _pairs(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any], dict, dict]]:
+    """(model, Helix record, TP record, Helix run, TP run) at equal input length and concurrency."""
+    pairs = []
+    for model in sorted({r["model"] for r in records}):
+        helix, tp = _helix_and_tp(records, model)
+        if helix and tp:
+            pairs += [(model, helix, tp, h, t) for h, t in zip(helix["runs"], tp["runs"])]
+    return pairs
+
+
+def reading_lines(payload: dict[str, Any]) -> list[str]:
+    """What the tables say, computed from them (no number typed in by hand)."""
+    pairs = _pairs(payload["records"])
+    if not pairs:
+        return ["- No Helix/TP pair ran: nothing to compare."]
+    capacity = {m: h["kv"]["kv_cache_tokens"] / t["kv"]["kv_cache_tokens"] for m, h, t, _, _ in pairs}
+    extra = [h["mean_tpot_ms"] - t["mean_tpot_ms"] for _, _, _, h, t in pairs]
+    longest = max(h["input_len"] for _, _, _, h, _ in pairs)
+    ttft = [(m, h["mean_ttft_ms"] / t["mean_ttft_ms"]) for m, _, _, h, t in pairs
+            if h["input_len"] == longest and h["concurrency"] == 1]
+    measured_over_predicted = []
+    for p in payload["predictions"]:
+        points = p["output"] if p["ok"] and isinstance(p["output"], list) else []
+        measured = _measured_tpot(payload["records"], p["model"], p["strategy"], p["input_len"], p["batch"])
+        if points and measured != "-":
+            measured_over_predicted.append(float(measured) / min(q["ttl_ms"] for q in points))
+    lines = [
+        "- **Capacity is the win here.** At the same 1 GiB of KV cache per worker Helix holds "
+        + ", ".join(f"{c:.2f}x ({m})" for m, c in capacity.items())
+        + " the tokens of TP, whose workers each keep a full copy of the KV heads they share.",
+        f"- **Prefill.** Time to first token at {longest} input tokens, Helix over TP: "
+        + ", ".join(f"{r:.2f}x ({m})" for m, r in ttft)
+        + ". The GQA twin's prompt runs through the plugin's attention (each rank attends its half of the "
+        "cache with torch's flash kernel); the MLA twin's prefill is vLLM's own, the same on both sides.",
+        f"- **Decode.** Helix's TPOT is {min(extra):+.1f} to {max(extra):+.1f} ms per token against TP at every "
+        "point. On these two-layer twins a token's attention is a few milliseconds, and Helix pays per layer "
+        "for a query all-gather and the exchange between two processes that share two cores with vLLM's "
+        "API server and engine core, while its per-shard kernel (torch's flash kernel, one thread) reads a "
+        "byte more slowly than vLLM's C++ decode kernels that TP uses on the full copy. Halving the bytes per "
+        "worker does not make up for that at 4K-16K tokens on one core per worker: the cost model's claim is "
+        "about bandwidth-bound long contexts, which these machines cannot show.",
+        f"- **The planner** predicts {min(measured_over_predicted):.0f}-{max(measured_over_predicted):.0f}x "
+        "less time per token than measured (best layout of each strategy). Its roofline charges the bytes and "
+        "FLOPs of the model, a few MB for these twins; what the CPU servers spend per token is dominated by "
+        "costs outside any roofline: vLLM's per-step scheduling and sampling in Python, per-layer operator "
+        "overheads, and cross-process synchronisation on oversubscribed cores. The same gap, measured on the "
+        "attention core alone, is in calibration.md. The planner is meant for models whose per-token bytes "
+        "dwarf those overheads (GPU-scale models, long contexts).",
+    ]
+    return lines
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
@@ -305,7 +364,11 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=16384 + 64)
     parser.add_argument("--quick", action="store_true", help="smoke run: 512-token inputs, concurrency 1,2")
     parser.add_argument("--log-dir", type=Path, default=Path(".cache/serve-compare"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite the md/csv/png from the committed JSON")
     args = parser.parse_args()
+    if args.render_only:
+        write_results(json.loads((RESULTS / "serve_compare.json").read_text()))
+        return
     if args.quick:
         args.sweep, args.output_len, args.max_model_len = "512x1,512x2", 16, 2048
     args.sweep = [tuple(int(v) for v in point.split("x")) for point in args.sweep.split(",")]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,20 +25,10 @@ from typing import Callable
 import torch
 
 from vllm_helix.attention import paged_decode_mla, paged_extend
-from vllm_helix.machine import describe_machine
+from vllm_helix.machine import describe_machine, median_seconds
 
 RESULTS = Path(__file__).parent / "results"
 BLOCK_SIZE, HEADS, HEAD_DIM, LATENT, KV_LORA_RANK = 16, 8, 64, 576, 512
-
-
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
 
 
 def _table(batch: int, blocks_per_seq: int, shuffled: bool, gen: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -89,7 +78,8 @@ def prefill_case(context: int, chunk: int, repeats: int) -> dict[str, object]:
 def _compare(run: Callable[[str], tuple[torch.Tensor, torch.Tensor]], repeats: int, kv_bytes: int | None) -> dict:
     """Times both kernels; ``kv_bytes`` (decode only: prefill is compute-bound) gives the flash read rate."""
     (out_r, _), (out_f, _) = run("reference"), run("flash")
-    reference_ms, flash_ms = _median_ms(lambda: run("reference"), repeats), _median_ms(lambda: run("flash"), repeats)
+    reference_ms = 1e3 * median_seconds(lambda: run("reference"), repeats)
+    flash_ms = 1e3 * median_seconds(lambda: run("flash"), repeats)
     return {"reference_ms": round(reference_ms, 3), "flash_ms": round(flash_ms, 3),
             "speedup": round(reference_ms / flash_ms, 2), "max_abs_diff": float((out_r - out_f).abs().max()),
             "flash_kv_gb_per_s": round(kv_bytes / flash_ms / 1e6, 2) if kv_bytes else None}

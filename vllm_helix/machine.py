@@ -1,9 +1,12 @@
-"""What machine a benchmark ran on, for the record next to its numbers."""
+"""What machine a benchmark ran on, for the record next to its numbers, and how long a call takes on it."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from typing import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -31,3 +34,14 @@ def describe_machine() -> dict[str, object]:
             continue
     return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "versions": versions}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call (not counted)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
