@@ -27,7 +27,8 @@ def test_matches_vllm_placement_for_a_ragged_batch(world: int, interleave: int, 
     num_requests, max_blocks = 4, 12
     block_table = torch.tensor([rng.sample(range(100), max_blocks) for _ in range(num_requests)], dtype=torch.int32)
     lens = [rng.randint(0, 40) for _ in range(num_requests)]
-    starts = [rng.randint(0, 200) for _ in range(num_requests)]
+    capacity = max_blocks * block_size * world  # tokens one block-table row can address
+    starts = [rng.randint(0, min(200, capacity - 41)) for _ in range(num_requests)]
     query_start_loc = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32)
     positions = torch.tensor([s + j for s, n in zip(starts, lens) for j in range(n)], dtype=torch.int64)
     num_tokens = int(query_start_loc[-1])
