@@ -109,14 +109,16 @@ def test_pieces_cover_the_shard_and_long_runs_are_views(fresh_seed, style):
     row = _row(gen, 96, style).to(torch.int32)
     length = int(torch.randint(1, 16 * BLOCK_SIZE + 1, (1,), generator=gen))
     pieces = shard_pieces(cache, cache, row, length)
-    offsets = [offset for offset, _, _ in pieces]
-    assert offsets == sorted(offsets) and offsets[0] == 0
-    assert torch.equal(torch.cat([keys for _, keys, _ in pieces]), read_sequence(cache, row, length))
+    assert [p.offset for p in pieces] == sorted(p.offset for p in pieces) and pieces[0].offset == 0
+    in_order = torch.cat([piece.ordered()[0] for piece in pieces])
+    assert torch.equal(in_order, read_sequence(cache, row, length))
     storage = cache.untyped_storage().data_ptr()
-    runs = block_runs(row, -(-length // BLOCK_SIZE))
-    long_runs = sum(end - start >= MIN_VIEW_BLOCKS for start, end in runs)
-    views = sum(keys.untyped_storage().data_ptr() == storage for _, keys, _ in pieces)
-    assert views == long_runs  # every long run read in place, nothing else aliases the cache
+    num_blocks, full = -(-length // BLOCK_SIZE), length // BLOCK_SIZE
+    ascending = sum(e - s >= MIN_VIEW_BLOCKS for s, e in block_runs(row, num_blocks))
+    descending = sum(min(e, full) - s >= MIN_VIEW_BLOCKS for s, e in block_runs(row, num_blocks, -1))
+    views = [p for p in pieces if p.keys.untyped_storage().data_ptr() == storage]
+    assert len(views) == ascending + descending  # every long run read in place, nothing else aliases the cache
+    assert sum(not p.in_order for p in pieces) == descending
 
 
 def test_gather_arena_hands_out_disjoint_memory_until_rewound(fresh_seed):
@@ -138,6 +140,7 @@ def test_gather_arena_hands_out_disjoint_memory_until_rewound(fresh_seed):
 def test_block_runs():
     row = torch.tensor([5, 6, 7, 2, 9, 10, 4, 3, -1], dtype=torch.int32)
     assert block_runs(row, 8) == [(0, 3), (3, 4), (4, 6), (6, 7), (7, 8)]
+    assert block_runs(row, 8, -1) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8)]
     assert block_runs(row, 0) == []
 
 

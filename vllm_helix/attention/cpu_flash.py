@@ -10,8 +10,9 @@ pass over K and V that returns the natural-log LSE Helix needs, and it takes
 strided K/V, so:
 
 * **no copy for contiguous blocks.** A run of consecutive block ids (a prompt or
-  a prefill chunk allocated at once) is a strided *view* of the cache; only the
-  blocks between such runs are gathered, into reused memory (:class:`GatherArena`).
+  a prefill chunk allocated at once; ascending, or descending as vLLM hands back
+  a freed request's blocks) is a strided *view* of the cache; only the blocks
+  between such runs are gathered, into reused memory (:class:`GatherArena`).
   The pieces are combined with the exact merge.
 * **GQA without expanding K/V.** The ``H / Hkv`` query heads of a KV head are
   laid out as extra query rows of that head (and MLA's heads as rows of its one
@@ -29,6 +30,7 @@ see nothing get zeros and ``lse = -inf`` (the kernel itself would report 0).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -115,52 +117,81 @@ class GatherArena:
 _ARENA = GatherArena()
 
 
-def block_runs(block_row: torch.Tensor, num_blocks: int) -> list[tuple[int, int]]:
-    """``[start, end)`` entry ranges of the row's first ``num_blocks`` ids that are consecutive ids."""
+def block_runs(block_row: torch.Tensor, num_blocks: int, step: int = 1) -> list[tuple[int, int]]:
+    """``[start, end)`` entry ranges of the row's first ``num_blocks`` ids that go up (or down) by ``step``."""
     if num_blocks == 0:
         return []
     ids = block_row[:num_blocks].to(torch.int64)
-    starts = [0, *((ids[1:] - ids[:-1] != 1).nonzero().flatten() + 1).tolist()]
+    starts = [0, *((ids[1:] - ids[:-1] != step).nonzero().flatten() + 1).tolist()]
     return list(zip(starts, [*starts[1:], num_blocks]))
 
 
-def shard_pieces(
-    key_cache: torch.Tensor, value_cache: torch.Tensor, block_row: torch.Tensor, length: int
-) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Tokens ``[0, length)`` of one shard as ``(offset, keys, values)`` pieces, in order.
+@dataclass
+class Piece:
+    """Tokens ``[offset, offset + len)`` of a shard: ``keys``/``values`` ``[len, kv_heads, dim]``.
 
-    A run of at least ``MIN_VIEW_BLOCKS`` consecutive block ids is a *view* of the
-    cache (no copy); the blocks between such runs are gathered, one copy per gap.
-    Keys and values are ``[tokens, kv_heads, dim]``; piece ``i`` holds the tokens
-    ``[offset, offset + len)`` of the shard. Passing the same tensor as both caches
-    (MLA's latent) gathers it once.
+    ``in_order`` is False for a run of *descending* block ids read in place: its
+    blocks then lie in reverse order (tokens inside each block in order). Attention
+    over keys a query sees entirely does not depend on their order; where only a
+    prefix is visible, :meth:`ordered` makes the in-order copy.
+    """
+
+    offset: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    in_order: bool
+    block_size: int
+
+    def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.in_order:
+            return self.keys, self.values
+
+        def reverse_blocks(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(0, (-1, self.block_size)).flip(0).flatten(0, 1)
+        keys = reverse_blocks(self.keys)
+        return keys, keys if self.values is self.keys else reverse_blocks(self.values)
+
+
+def shard_pieces(key_cache: torch.Tensor, value_cache: torch.Tensor, block_row: torch.Tensor,
+                 length: int) -> list[Piece]:
+    """Tokens ``[0, length)`` of one shard as pieces, in order of position.
+
+    A run of at least ``MIN_VIEW_BLOCKS`` consecutive block ids, ascending or (as
+    vLLM hands back a freed request's blocks) descending, is read in place as a
+    *view* of the cache; the blocks between such runs are gathered, one copy per
+    gap. A descending run never holds the sequence's partial last block (its
+    unused slots would sit inside the view). Passing the same tensor as both
+    caches (MLA's latent) gathers it once.
     """
     block_size = key_cache.shape[1]
+    num_blocks = -(-length // block_size)
     ids = block_row.to(torch.int64)
-    pieces: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    gap_start: int | None = None  # first entry of blocks waiting to be gathered
+    full_blocks = length // block_size
+    views = [(s, e, True) for s, e in block_runs(block_row, num_blocks, 1) if e - s >= MIN_VIEW_BLOCKS]
+    views += [(s, min(e, full_blocks), False) for s, e in block_runs(block_row, num_blocks, -1)
+              if min(e, full_blocks) - s >= MIN_VIEW_BLOCKS]
+    pieces: list[Piece] = []
 
-    def add(first_entry: int, end_entry: int, view: bool) -> None:
+    def add(first_entry: int, end_entry: int, kind: bool | None) -> None:
+        """``kind``: True/False for an ascending/descending view, None for a gathered gap."""
         lo, hi = first_entry * block_size, min(length, end_entry * block_size)
-        if view:
-            first = int(ids[first_entry])
-            keys, values = (c[first:first + end_entry - first_entry] for c in (key_cache, value_cache))
-        else:
+        if kind is None:
             keys = _ARENA.gather(key_cache, ids[first_entry:end_entry])
             values = keys if value_cache is key_cache else _ARENA.gather(value_cache, ids[first_entry:end_entry])
-        pieces.append((lo, keys.flatten(0, 1)[: hi - lo], values.flatten(0, 1)[: hi - lo]))
+        else:
+            first = int(ids[first_entry if kind else end_entry - 1])
+            keys, values = (c[first:first + end_entry - first_entry] for c in (key_cache, value_cache))
+        pieces.append(Piece(lo, keys.flatten(0, 1)[: hi - lo], values.flatten(0, 1)[: hi - lo],
+                            kind is not False, block_size))
 
-    runs = block_runs(block_row, -(-length // block_size))
-    for start, end in runs:
-        if end - start < MIN_VIEW_BLOCKS:
-            gap_start = start if gap_start is None else gap_start
-            continue
-        if gap_start is not None:
-            add(gap_start, start, view=False)
-            gap_start = None
-        add(start, end, view=True)
-    if gap_start is not None:
-        add(gap_start, runs[-1][1], view=False)
+    covered = 0
+    for start, end, ascending in sorted(views):
+        if start > covered:
+            add(covered, start, None)
+        add(start, end, ascending)
+        covered = end
+    if covered < num_blocks:
+        add(covered, num_blocks, None)
     return pieces
 
 
@@ -193,13 +224,15 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale
     return out, lse
 
 
-def _chunk_states(query: torch.Tensor, pieces: list[tuple[int, torch.Tensor, torch.Tensor]],
-                  visible: torch.Tensor, scale: float) -> list[PartialState]:
+def _chunk_states(query: torch.Tensor, pieces: list[Piece], visible: torch.Tensor,
+                  scale: float) -> list[PartialState]:
     """Partial states of a chunk of one sequence's query tokens over its shard pieces."""
     states = []
-    for offset, keys, values in pieces:
-        local = (visible - offset).clamp(0, keys.shape[0])
+    for piece in pieces:
+        size = piece.keys.shape[0]
+        local = (visible - piece.offset).clamp(0, size)
         shared, longest = int(local.min()), int(local.max())
+        keys, values = (piece.keys, piece.values) if shared == size else piece.ordered()
         if shared > 0:  # keys every token of the chunk sees: no mask
             states.append(_attend(query, keys[:shared], values[:shared], scale, None))
         if longest > shared:  # the ragged edge
