@@ -311,8 +311,8 @@ def reading_lines(payload: dict[str, Any]) -> list[str]:
         "for a query all-gather and the exchange between two processes that share two cores with vLLM's "
         "API server and engine core, while its per-shard kernel (torch's flash kernel, one thread) reads a "
         "byte more slowly than vLLM's C++ decode kernels that TP uses on the full copy. Halving the bytes per "
-        "worker does not make up for that at 4K-16K tokens on one core per worker: the cost model's claim is "
-        "about bandwidth-bound long contexts, which these machines cannot show.",
+        "worker does not make up for that at 4K-16K tokens on one core per worker: Helix's decode advantage "
+        "needs contexts long enough for the KV read to dominate each step, which these machines do not reach.",
         f"- **The planner** predicts {min(measured_over_predicted):.0f}-{max(measured_over_predicted):.0f}x "
         "less time per token than measured (best layout of each strategy). Its roofline charges the bytes and "
         "FLOPs of the model, a few MB for these twins; what the CPU servers spend per token is dominated by "
