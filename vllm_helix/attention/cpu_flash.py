@@ -30,7 +30,7 @@ see nothing get zeros and ``lse = -inf`` (the kernel itself would report 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -141,15 +141,18 @@ class Piece:
     values: torch.Tensor
     in_order: bool
     block_size: int
+    _ordered: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values in position order (copied once, then reused by later query chunks)."""
         if self.in_order:
             return self.keys, self.values
-
-        def reverse_blocks(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(0, (-1, self.block_size)).flip(0).flatten(0, 1)
-        keys = reverse_blocks(self.keys)
-        return keys, keys if self.values is self.keys else reverse_blocks(self.values)
+        if self._ordered is None:
+            def reverse_blocks(t: torch.Tensor) -> torch.Tensor:
+                return t.unflatten(0, (-1, self.block_size)).flip(0).flatten(0, 1)
+            keys = reverse_blocks(self.keys)
+            self._ordered = keys, keys if self.values is self.keys else reverse_blocks(self.values)
+        return self._ordered
 
 
 def shard_pieces(key_cache: torch.Tensor, value_cache: torch.Tensor, block_row: torch.Tensor,
