@@ -12,7 +12,7 @@ the measured CPU profile (``configs/hardware/cpu-2core.yaml``).
 
 Writes ``benchmarks/results/serve_compare.{json,csv,md,png}``.
 
-    .venv/bin/python benchmarks/serve_compare.py            # the committed run (~20 min on 2 cores)
+    .venv/bin/python benchmarks/serve_compare.py            # the committed run (~12 min on 2 cores)
     .venv/bin/python benchmarks/serve_compare.py --quick    # smoke run
 """
 
@@ -231,21 +231,23 @@ def markdown(payload: dict[str, Any]) -> str:
             lines.append(f"| {p['model']} | {p['strategy']} | {p['input_len']} | {p['batch']} | planner: {p['output']} | | |")
         for point in points:
             lines.append(f"| {p['model']} | {p['strategy']} | {p['input_len']} | {p['batch']} | {point['layout']} "
-                         f"| {point['ttl_ms']:.2f} | {measured} |")
+                         f"| {point['ttl_ms']:.2f} | {'-' if measured is None else format(measured, '.1f')} |")
     lines += ["", "Planner commands: `vllm-helix plan --model .cache/twins/<twin> --hardware cpu-2core "
               "--context N --gpus 2 --batch B --strategies helix|tp [--helix kvp=2,tpa=1]`."]
     lines += ["", "![Pareto](serve_compare.png)", ""]
     return "\n".join(lines) + "\n"
 
 
-def _measured_tpot(records: list[dict[str, Any]], model: str, strategy: str, input_len: int, batch: int) -> str:
+def _measured_tpot(records: list[dict[str, Any]], model: str, strategy: str, input_len: int,
+                   batch: int) -> float | None:
+    """Mean TPOT of the strategy's run at this input length and concurrency, if one ran."""
     prefix = "Helix" if strategy == "helix" else "TP"
     for r in records:
         if r["model"] == model and r["config"].startswith(prefix) and "refused" not in r:
             for run in r["runs"]:
                 if run["concurrency"] == batch and run["input_len"] == input_len:
-                    return f"{run['mean_tpot_ms']:.1f}"
-    return "-"
+                    return run["mean_tpot_ms"]
+    return None
 
 
 def _helix_and_tp(records: list[dict[str, Any]], model: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -296,8 +298,8 @@ def reading_lines(payload: dict[str, Any]) -> list[str]:
     for p in payload["predictions"]:
         points = p["output"] if p["ok"] and isinstance(p["output"], list) else []
         measured = _measured_tpot(payload["records"], p["model"], p["strategy"], p["input_len"], p["batch"])
-        if points and measured != "-":
-            measured_over_predicted.append(float(measured) / min(q["ttl_ms"] for q in points))
+        if points and measured is not None:
+            measured_over_predicted.append(measured / min(q["ttl_ms"] for q in points))
     lines = [
         "- **Capacity is the win here.** At the same 1 GiB of KV cache per worker Helix holds "
         + ", ".join(f"{c:.2f}x ({m})" for m, c in capacity.items())
@@ -371,7 +373,14 @@ def main() -> None:
         return
     if args.quick:
         args.sweep, args.output_len, args.max_model_len = "512x1,512x2", 16, 2048
-    args.sweep = [tuple(int(v) for v in point.split("x")) for point in args.sweep.split(",")]
+    sweep = args.sweep
+    try:
+        args.sweep = [tuple(int(v) for v in point.split("x", 1)) for point in sweep.split(",")]
+    except ValueError:
+        args.sweep = []
+    if not args.sweep or any(len(point) != 2 or min(point) < 1 for point in args.sweep):
+        parser.error(f"--sweep {sweep!r}: each point is INPUT_LENxCONCURRENCY with positive integers, "
+                     "e.g. 4096x1,16384x1")
     args.log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     records = []
