@@ -27,7 +27,7 @@ from vllm_helix.attention.exchange import KVPExchange
 from vllm_helix.attention.hopb import helix_decode
 from vllm_helix.attention.synthetic import HelixCase, ProblemSpec, make_problem, shard_decoder, shard_for_rank
 from vllm_helix.layout import build_helix_groups
-from vllm_helix.machine import describe_machine, median_seconds
+from vllm_helix.machine import describe_machine, machine_line, median_seconds
 from vllm_helix.spawn import run_ranks
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,7 +63,7 @@ def render_markdown(payload: dict) -> str:
     lines = [
         "# Helix attention on CPU: exchange + combine vs local attention",
         "",
-        f"Machine: {machine_info['cpu']}, {machine_info['cores']} cores, "
+        f"Machine: {machine_line(machine_info)}, "
         f"torch {machine_info['torch']}. {machine_info['note']}.",
         f"Batch {settings['batch']}, 16 query heads, head dim 128 (GQA: 4 KV heads; MLA: 512+64 latent). "
         "Times are medians of the slowest rank, in ms. Reproduce: "

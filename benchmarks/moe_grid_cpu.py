@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_helix.machine import describe_machine, median_seconds
+from vllm_helix.machine import describe_machine, machine_line, median_seconds
 from vllm_helix.moe_grid import GridShard
 
 RESULTS = Path(__file__).parent / "results"
@@ -121,7 +121,7 @@ def render_markdown(payload: dict) -> str:
     lines = [
         "# MoE layer step on the TPF x EP grid (CPU)",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; {m['note']}.",
+        f"Machine: {machine_line(m)}, torch {m['torch']}; {m['note']}.",
         (f"Layer: {s['experts']} experts, top-{s['top_k']}, hidden {s['hidden']}, intermediate "
          f"{s['intermediate']}, {s['dtype']}; kernel: {s['kernel']}; median of {s['repeats']}."),
         "",

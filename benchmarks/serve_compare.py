@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_helix.machine import describe_machine
-from vllm_helix.server import Server, ServerError, cpu_env, vllm_command, vllm_helix_command
+from vllm_helix.machine import describe_machine, machine_line
+from vllm_helix.server import (Server, ServerError, baseline_engine_kwargs, cpu_env, engine_flags, vllm_command,
+                               vllm_helix_command)
 from vllm_helix.twins import make_tiny_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,6 +51,7 @@ class Config:
     workers: int
     serve: list[str]  # arguments after the model
     helix: bool = False
+    dtype: str = "float32"
     notes: list[str] = field(default_factory=list)
 
 
@@ -60,6 +62,10 @@ def configs(arch_filter: set[str]) -> list[Config]:
         Config("deepseek_v3", "TP=2 (latent KV duplicated)", 2, ["--tensor-parallel-size", "2", *mla]),
         Config("deepseek_v3", "vLLM DCP=2", 2,
                ["--tensor-parallel-size", "2", "--decode-context-parallel-size", "2", *mla]),
+        # bf16: what a CPU user serves; vLLM's fast AMX_MLA backend on CPUs with AMX (CPU_MLA elsewhere).
+        Config("deepseek_v3", "Helix kvp=2, bf16", 2, ["--helix", "kvp=2,tpa=1", *mla], helix=True,
+               dtype="bfloat16"),
+        Config("deepseek_v3", "TP=2, bf16", 2, ["--tensor-parallel-size", "2", *mla], dtype="bfloat16"),
         Config("llama_kv1", "Helix kvp=2", 2, ["--helix", "kvp=2,tpa=1"], helix=True),
         Config("llama_kv1", "TP=2 (1 KV head duplicated)", 2, ["--tensor-parallel-size", "2"]),
         Config("llama_kv1", "vLLM DCP=2", 2, ["--tensor-parallel-size", "2", "--decode-context-parallel-size", "2"]),
@@ -96,12 +102,16 @@ def bench(server: Server, model: Path, input_len: int, output_len: int, concurre
 
 def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     model = twin(config.model)
-    launcher = vllm_helix_command() if config.helix else vllm_command()
-    command = [*launcher, "serve", str(model), "--dtype", "float32", "--enforce-eager",
+    if config.helix:
+        launcher, engine = vllm_helix_command(), {"dtype": config.dtype}
+    else:
+        launcher, engine = vllm_command(), baseline_engine_kwargs(model, config.dtype)
+    command = [*launcher, "serve", str(model), *engine_flags(engine), "--enforce-eager",
                "--max-model-len", str(args.max_model_len), *config.serve]
     record: dict[str, Any] = {"model": config.model, "config": config.name, "workers": config.workers,
+                              "dtype": config.dtype, "attention_backend": engine.get("attention_backend"),
                               "server_command": " ".join(command), "runs": []}
-    log = log_dir / f"{config.model}-{config.name.split()[0].lower()}-{config.workers}.log"
+    log = log_dir / f"{config.model}-{config.name.split()[0].lower()}-{config.dtype}-{config.workers}.log"
     print(f"[{config.model}] {config.name}: starting server ...", flush=True)
     try:
         with Server(command, log, env=cpu_env(config.workers), start_timeout_s=900) as server:
@@ -191,11 +201,11 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Serving comparison: Helix vs TP (duplicated KV) vs vLLM's DCP, through `vllm bench serve`",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
+        f"Machine: {machine_line(m)}, Python {m['python']}, "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f". Date {payload['date']}.",
         f"Workload: random dataset, (input tokens x concurrency) points {', '.join(f'{n}x{c}' for n, c in s['sweep'])}, "
         f"{s['output_len']} output tokens (ignore EOS), {s['prompts_per_slot']} prompts per concurrency slot; "
-        f"float32 offline twins, `--max-model-len {s['max_model_len']}`, 1 GiB of KV cache per worker "
+        f"offline twins in float32 (bf16 where the configuration says so), `--max-model-len {s['max_model_len']}`, 1 GiB of KV cache per worker "
         "(`VLLM_CPU_KVCACHE_SPACE=1`), one core per worker. Reproduce: "
         "`.venv/bin/python benchmarks/serve_compare.py` (command lines of every server and bench run are "
         "in serve_compare.json).",
@@ -206,13 +216,13 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for r in payload["records"]:
         if "refused" in r:
-            lines.append(f"| {r['model']} | {r['config']} | refused by vLLM at start-up: {r['refused']} "
+            lines.append(f"| {r['model']} | {_label(r)} | refused by vLLM at start-up: {r['refused']} "
                          "| | | | | | | | | | | | |")
             continue
         for run in r["runs"]:
             per_user = 1000.0 / run["mean_tpot_ms"] if run["mean_tpot_ms"] else 0.0
             lines.append(
-                f"| {r['model']} | {r['config']} | {r['kv']['kv_cache_tokens']:,} | {r['kv']['max_concurrency']:.1f} "
+                f"| {r['model']} | {_label(r)} | {r['kv']['kv_cache_tokens']:,} | {r['kv']['max_concurrency']:.1f} "
                 f"| {run['input_len']} | {run['concurrency']} | {run['mean_ttft_ms']:.0f} | {run['mean_tpot_ms']:.1f} | "
                 f"{run['p99_tpot_ms']:.1f} | {run['p50_itl_ms']:.1f} | {run['p99_itl_ms']:.1f} | "
                 f"{run['output_throughput']:.1f} | {run['output_throughput'] / r['workers']:.1f} | "
@@ -238,33 +248,49 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dtype(record: dict[str, Any]) -> str:
+    return record.get("dtype", "float32")  # runs before bf16 rows were added were all float32
+
+
+def _label(record: dict[str, Any]) -> str:
+    """The configuration, with the attention backend a Helix-off server was told to use."""
+    backend = record.get("attention_backend")
+    return f"{record['config']} (vLLM's {backend})" if backend else record["config"]
+
+
 def _measured_tpot(records: list[dict[str, Any]], model: str, strategy: str, input_len: int,
                    batch: int) -> float | None:
-    """Mean TPOT of the strategy's run at this input length and concurrency, if one ran."""
+    """Mean float32 TPOT of the strategy's run at this input length and concurrency (the planner's case)."""
     prefix = "Helix" if strategy == "helix" else "TP"
     for r in records:
-        if r["model"] == model and r["config"].startswith(prefix) and "refused" not in r:
+        if r["model"] == model and _dtype(r) == "float32" and r["config"].startswith(prefix) and "refused" not in r:
             for run in r["runs"]:
                 if run["concurrency"] == batch and run["input_len"] == input_len:
                     return run["mean_tpot_ms"]
     return None
 
 
-def _helix_and_tp(records: list[dict[str, Any]], model: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The model's Helix and TP records that started (either may be None)."""
+def _groups(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(model, dtype) pairs in the records, float32 first."""
+    return sorted({(r["model"], _dtype(r)) for r in records}, key=lambda g: (g[0], g[1] != "float32", g[1]))
+
+
+def _helix_and_tp(records: list[dict[str, Any]], model: str,
+                  dtype: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The model's Helix and TP records in ``dtype`` that started (either may be None)."""
     def started(prefix: str) -> dict[str, Any] | None:
-        return next((r for r in records if r["model"] == model and r["config"].startswith(prefix)
-                     and "refused" not in r), None)
+        return next((r for r in records if r["model"] == model and _dtype(r) == dtype
+                     and r["config"].startswith(prefix) and "refused" not in r), None)
     return started("Helix"), started("TP")
 
 
 def ratio_lines(records: list[dict[str, Any]]) -> list[str]:
     out = []
-    for model in sorted({r["model"] for r in records}):
-        helix, tp = _helix_and_tp(records, model)
+    for model, dtype in _groups(records):
+        helix, tp = _helix_and_tp(records, model, dtype)
         if not helix or not tp:
             continue
-        out.append(f"- {model}: KV capacity {helix['kv']['kv_cache_tokens'] / tp['kv']['kv_cache_tokens']:.2f}x, "
+        out.append(f"- {model}, {dtype} (TP: {_label(tp)}): KV capacity {helix['kv']['kv_cache_tokens'] / tp['kv']['kv_cache_tokens']:.2f}x, "
                    f"maximum concurrency {helix['kv']['max_concurrency'] / tp['kv']['max_concurrency']:.2f}x; "
                    + "; ".join(
                        f"{h['input_len']} in, concurrency {h['concurrency']}: TPOT {h['mean_tpot_ms'] / t['mean_tpot_ms']:.2f}x of TP's "
@@ -275,10 +301,10 @@ def ratio_lines(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _pairs(records: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any], dict, dict]]:
-    """(model, Helix record, TP record, Helix run, TP run) at equal input length and concurrency."""
+    """(model, Helix record, TP record, Helix run, TP run) at equal input length and concurrency, float32."""
     pairs = []
     for model in sorted({r["model"] for r in records}):
-        helix, tp = _helix_and_tp(records, model)
+        helix, tp = _helix_and_tp(records, model, "float32")
         if helix and tp:
             pairs += [(model, helix, tp, h, t) for h, t in zip(helix["runs"], tp["runs"])]
     return pairs

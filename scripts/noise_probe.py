@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_helix.server import baseline_engine_kwargs
+
 # Env vars every run needs on the 2-core CPU machines (see /work/shared/NOTES-vllm.md).
 BASE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 TP2_THREADS_BIND = "0|1"
@@ -163,8 +165,9 @@ def _worker(spec: dict[str, Any]) -> None:
     from vllm import LLM, SamplingParams
 
     start = time.monotonic()
-    llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=512,
-              tensor_parallel_size=spec["tp"], seed=0, disable_log_stats=False, **SETTINGS[spec["setting"]]["llm"])
+    llm = LLM(model=spec["model"], **baseline_engine_kwargs(spec["model"], "float32"), enforce_eager=True,
+              max_model_len=512, tensor_parallel_size=spec["tp"], seed=0, disable_log_stats=False,
+              **SETTINGS[spec["setting"]]["llm"])
     load_s = time.monotonic() - start
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=1)
     start = time.monotonic()

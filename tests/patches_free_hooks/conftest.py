@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_helix.server import cpu_env
+from vllm_helix.server import baseline_attention_backend, baseline_engine_kwargs, cpu_env
 from vllm_helix.twins import make_tiny_model
 
 
@@ -44,6 +44,8 @@ def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
     """``generate(model, prompts, max_tokens, **llm_kwargs)``: greedy run in a fresh, killable process.
 
     Returns the driver's JSON plus ``log`` (vLLM's output) and ``kv`` (its KV-capacity report).
+    A run without Helix gets the attention backend vLLM can run for its dtype on this CPU
+    (:func:`vllm_helix.server.baseline_attention_backend`) unless the test names one.
     """
     root = tmp_path_factory.mktemp("generate")
     counter = iter(range(10**6))
@@ -51,6 +53,9 @@ def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
     def run(model: Path, prompts: list[list[int]], max_tokens: int, timeout_s: float = 480,
             repeat: bool = False, **llm_kwargs: Any):
         out = root / f"run{next(counter)}.json"
+        llm_kwargs.setdefault("dtype", "float32")
+        if "helix" not in llm_kwargs.get("additional_config", {}):
+            llm_kwargs = {**baseline_engine_kwargs(model, llm_kwargs["dtype"]), **llm_kwargs}
         spec = {"model": str(model), "out": str(out), "prompts": prompts, "max_tokens": max_tokens,
                 "llm_kwargs": llm_kwargs, "repeat": repeat}
         env = cpu_env(int(llm_kwargs.get("tensor_parallel_size", 1)))
@@ -69,3 +74,21 @@ def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def assert_mla_backend() -> Callable[[dict[str, Any], Path, str, bool], None]:
+    """``assert_mla_backend(run, model, dtype, helix)``: the MLA backend vLLM logged is the intended one.
+
+    Helix runs on the plugin's ``CPU_MLA``; a run without Helix on the backend that
+    :func:`vllm_helix.server.baseline_attention_backend` decides for its dtype and CPU
+    (``AMX_MLA`` for bf16 on AMX CPUs). GQA has one CPU backend, selected without a log line.
+    """
+
+    def check(run: dict[str, Any], model: Path, dtype: str, helix: bool) -> None:
+        expected = "CPU_MLA" if helix else baseline_attention_backend(model, dtype)
+        assert f"Using {expected} backend" in run["log"], run["log"][-3000:]
+        for other in {"CPU_MLA", "AMX_MLA"} - {expected}:
+            assert f"Using {other} backend" not in run["log"], run["log"][-3000:]
+
+    return check

@@ -106,8 +106,11 @@ def mla_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], mo
     }
 
 
-def test_mla_helix_with_hopb_equals_helix_off(mla_runs: dict[str, Any]) -> None:
+def test_mla_helix_with_hopb_equals_helix_off(twins: dict[str, Path], mla_runs: dict[str, Any],
+                                              assert_mla_backend: Callable[..., None]) -> None:
     _assert_helix_ran(mla_runs["helix"], "MLA", 2)
+    assert_mla_backend(mla_runs["helix"], twins["deepseek"], "float32", helix=True)
+    assert_mla_backend(mla_runs["off_tp1"], twins["deepseek"], "float32", helix=False)
     _assert_same_generation(mla_runs["helix"], mla_runs["off_tp1"])
 
 
