@@ -12,6 +12,11 @@ these kernels are tested against), with three adaptations:
 
 FlashInfer is imported lazily: this module imports on machines without it, and
 constructing a decoder there raises a clear error.
+
+Status: written against flashinfer-python 0.7 and never run on a GPU (its tests skip
+without CUDA). The vLLM integration does not use it: on CUDA the plugin runs the
+shards on vLLM's own FlashInfer (or other LSE-returning) backend, chosen by
+``patches_free_hooks/cuda_attention.py``. It serves direct use of the attention core.
 """
 
 from __future__ import annotations
