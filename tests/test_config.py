@@ -91,3 +91,25 @@ def test_yaml_errors_name_the_file(tmp_path):
     bad.write_text("kvp: [1,\n")
     with pytest.raises(HelixConfigError, match="is not valid YAML"):
         HelixConfig.from_yaml(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("helix:\n  kvp: 2\nhopb: 2\n", r"key\(s\) \['hopb'\] beside 'helix:'.*belong under 'helix:' \(e.g. helix: \{hopb: 2\}\)"),
+        ("helix:\n  kvp: 2\nmodel: x\n", r"key\(s\) \['model'\] beside 'helix:'.*valid keys are 'helix'"),
+    ],
+)
+def test_yaml_keys_beside_helix_are_refused_not_ignored(tmp_path, text, expected):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(text)
+    with pytest.raises(HelixConfigError, match=expected):
+        HelixConfig.from_yaml(preset)
+
+
+def test_suggested_world_sizes_fit_the_machine():
+    shape = ModelShape(num_q_heads=12, num_kv_heads=1, is_mla=True, block_size=16)
+    with pytest.raises(HelixConfigError, match=r"use a world size in \[2, 3, 4, 6, 12\]"):
+        HelixConfig(kvp=8).validate(8, shape)
+    with pytest.raises(HelixConfigError, match=r"use a world size in \[2, 3\]"):
+        HelixConfig(kvp=8).validate(8, shape, max_world_size=3)

@@ -146,6 +146,16 @@ class HelixConfig:
         except yaml.YAMLError as err:
             raise HelixConfigError(f"helix config file {str(path)!r} is not valid YAML: {err}") from None
         if isinstance(data, Mapping) and "helix" in data:
+            beside = sorted(str(key) for key in data if key != "helix")
+            if beside:
+                placed = [k for k in beside if k in _INT_FIELDS]
+                where = (f"Helix options belong under 'helix:' (e.g. helix: {{{placed[0]}: "
+                         f"{data[placed[0]]}}})" if placed else f"valid keys are 'helix' and, under it, "
+                         f"{', '.join(_INT_FIELDS)}")
+                raise HelixConfigError(
+                    f"helix config file {str(path)!r} has key(s) {beside} beside 'helix:', which would be "
+                    f"ignored; {where}"
+                )
             data = data["helix"]
         return cls.from_dict(data if data is not None else {})
 
@@ -168,11 +178,12 @@ class HelixConfig:
         return block_size if self.stripe is None else self.stripe
 
     # -------------------------------------------------------------- validation
-    def validate(self, world_size: int, model: ModelShape) -> "HelixConfig":
+    def validate(self, world_size: int, model: ModelShape, max_world_size: int | None = None) -> "HelixConfig":
         """Check this layout against the workers and the model; return self.
 
         Raises :class:`HelixConfigError` for the first violated constraint, with
-        the values and a working alternative.
+        the values and a working alternative. ``max_world_size`` (e.g. the cores of
+        a CPU machine) bounds the alternatives suggested, so every suggestion can start.
         """
         if self.world_size != world_size:
             raise HelixConfigError(
@@ -198,7 +209,7 @@ class HelixConfig:
             raise HelixConfigError(
                 f"the model's {model.num_q_heads} query heads must split evenly over "
                 f"kvp*tpa={world_size} ranks after the all-to-all; use a world size in "
-                f"{[d for d in _divisors(model.num_q_heads) if d > 1]}"
+                f"{[d for d in _divisors(model.num_q_heads) if 1 < d <= (max_world_size or d)] or [1]}"
             )
         if model.num_experts:
             if model.num_experts % self.ep:

@@ -19,6 +19,7 @@ from patches_free_hooks import engine_config  # noqa: E402
 from patches_free_hooks.compat import HelixStartupError  # noqa: E402
 from vllm_helix.config import HelixConfigError  # noqa: E402
 from patches_free_hooks.engine_config import apply_helix  # noqa: E402
+from vllm_helix.twins import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,7 @@ def test_mla_layout_uses_16_token_blocks_and_pins_the_reference_backend(twins: d
     args = _args(twins["deepseek"], {"kvp": 2, "tpa": 1, "hopb": 2, "stripe": 4})
     apply_helix(args)
     assert (args.tensor_parallel_size, args.decode_context_parallel_size, args.cp_kv_cache_interleave_size) == (2, 2, 4)
-    assert args.attention_backend.name == "CPU_MLA"
+    assert args.attention_backend.name == "CPU_MLA"  # vLLM would pick AMX_MLA (no LSE) on AMX CPUs
 
 
 def test_an_explicit_matching_tensor_parallel_size_is_accepted(twins: dict[str, Path]) -> None:
@@ -123,28 +124,88 @@ def test_dcp_comm_backend_is_refused_on_cpu_where_it_would_do_nothing(twins: dic
 
 @pytest.fixture
 def on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend vLLM's platform is CUDA (the translation is pure argument logic)."""
+    """Pretend vLLM's platform is CUDA on a Hopper GPU (the translation is pure argument logic)."""
     monkeypatch.setattr(engine_config, "_is_cpu_platform", lambda: False)
     monkeypatch.setattr(engine_config, "_is_cuda_platform", lambda: True)
+    monkeypatch.setattr(engine_config, "_cuda_capability", lambda: (9, 0))
 
 
-def test_on_cuda_helix_runs_vllms_lse_backends_with_the_all_to_all_exchange(twins: dict[str, Path], on_cuda: None) -> None:
-    args = _args(twins["deepseek"], {"kvp": 2, "tpa": 1}, block_size=64)
-    apply_helix(args)
-    assert (args.tensor_parallel_size, args.decode_context_parallel_size) == (2, 2)
-    assert (args.cp_kv_cache_interleave_size, args.dcp_comm_backend) == (64, "a2a")
-    assert args.attention_backend is None  # vLLM picks its CUDA MLA backend
+def _cuda_args(model: Path, helix: object, **kwargs: object) -> EngineArgs:
+    return EngineArgs(model=str(model), additional_config={"helix": helix}, **{"dtype": "bfloat16", **kwargs})
 
 
 @pytest.mark.parametrize(
-    ("helix", "kwargs", "message"),
+    ("model", "capability", "backend", "block", "stripe"),
     [
-        ({"kvp": 2, "tpa": 1}, {}, "needs an explicit KV block size to place its stripes; pass --block-size"),
-        ({"kvp": 2, "tpa": 1, "hopb": 2}, {"block_size": 16}, "hopb=2: HOP-B runs in the plugin's CPU backends"),
-        ({"kvp": 2, "tpa": 1}, {"block_size": 16, "dcp_comm_backend": "ag_rs"},
-         "--dcp-comm-backend ag_rs is not Helix's exchange"),
+        ("deepseek", (9, 0), "FLASH_ATTN_MLA", 16, 16),
+        ("deepseek", (10, 0), "FLASHINFER_MLA", 32, 1),  # twin's qk_nope_head_dim 64; interleave 1
+        ("llama1", (9, 0), "FLASHINFER", 16, 16),
     ],
 )
-def test_cuda_specific_refusals(twins: dict[str, Path], on_cuda: None, helix: dict, kwargs: dict, message: str) -> None:
+def test_on_cuda_helix_names_an_lse_backend_block_size_and_stripe_without_block_size_flag(
+        twins: dict[str, Path], on_cuda: None, monkeypatch: pytest.MonkeyPatch, model: str,
+        capability: tuple[int, int], backend: str, block: int, stripe: int) -> None:
+    monkeypatch.setattr(engine_config, "_cuda_capability", lambda: capability)
+    args = _cuda_args(twins[model], {"kvp": 2, "tpa": 1})
+    resolved = apply_helix(args)
+    assert (args.tensor_parallel_size, args.decode_context_parallel_size) == (2, 2)
+    assert (args.attention_backend, args.block_size) == (backend, block)
+    assert (args.cp_kv_cache_interleave_size, args.dcp_comm_backend, resolved.stripe) == (stripe, "a2a", stripe)
+
+
+def test_on_cuda_a_named_backend_is_kept_and_its_block_rule_applied(twins: dict[str, Path], on_cuda: None) -> None:
+    args = _cuda_args(twins["deepseek"], {"kvp": 2, "tpa": 1}, attention_backend="FLASHMLA")
+    apply_helix(args)
+    assert (args.attention_backend, args.block_size, args.cp_kv_cache_interleave_size) == ("FLASHMLA", 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("model", "helix", "kwargs", "message"),
+    [
+        ("llama1", {"kvp": 2, "tpa": 1, "hopb": 2}, {}, "hopb=2: HOP-B runs in the plugin's CPU backends"),
+        ("llama1", {"kvp": 2, "tpa": 1}, {"dcp_comm_backend": "ag_rs"},
+         "--dcp-comm-backend ag_rs is not Helix's exchange"),
+        ("deepseek", {"kvp": 2, "tpa": 1, "tpf": 1, "ep": 2}, {},
+         r"helix ep=2: the MoE TPF x EP grid is built on vLLM's CPU experts only.*use ep=1,tpf=2"),
+        ("deepseek", {"kvp": 2, "tpa": 1}, {"dtype": "float32"}, "take float16/bfloat16 only; pass --dtype bfloat16"),
+        ("deepseek", {"kvp": 2, "tpa": 1}, {"attention_backend": "FLASHMLA", "block_size": 16},
+         r"--attention-backend FLASHMLA: takes block sizes that are multiples of 64, not --block-size 16"),
+        ("llama1", {"kvp": 2, "tpa": 1}, {"attention_backend": "CPU_ATTN"}, "CPU_ATTN cannot run Helix's shards"),
+    ],
+)
+def test_cuda_specific_refusals(twins: dict[str, Path], on_cuda: None, model: str, helix: dict, kwargs: dict,
+                                message: str) -> None:
     with pytest.raises(HelixStartupError, match=message):
-        apply_helix(_args(twins["llama1"], helix, **kwargs))
+        apply_helix(_cuda_args(twins[model], helix, **kwargs))
+
+
+@pytest.mark.parametrize(
+    ("model", "named", "message"),
+    [
+        ("deepseek", "AMX_MLA", r"--attention-backend AMX_MLA: Helix on CPU runs MLA attention in the plugin's "
+                                r"CPU_MLA backend"),
+        ("llama1", "FLASH_ATTN", r"--attention-backend FLASH_ATTN: Helix on CPU runs GQA attention in the plugin's "
+                                 r"CPU_ATTN backend"),
+    ],
+)
+def test_on_cpu_a_backend_that_cannot_run_helix_is_refused_not_ignored(
+        twins: dict[str, Path], model: str, named: str, message: str) -> None:
+    with pytest.raises(HelixStartupError, match=message):
+        apply_helix(_args(twins[model], {"kvp": 2, "tpa": 1}, attention_backend=named))
+
+
+def test_suggested_layouts_fit_the_cores(twins: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    monkeypatch.setattr(engine_config.os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(HelixStartupError) as refused:
+        apply_helix(_args(twins["llama1"], {"kvp": 2, "tpa": 1}, tensor_parallel_size=4))
+    assert "drop --tensor-parallel-size (Helix sets it to 2)" in str(refused.value)
+    assert "kvp=4" not in str(refused.value)  # 4 workers cannot start on 2 cores
+    with pytest.raises(HelixStartupError, match=r"tpa=1 is below the model's 2 KV heads.*so use kvp=1,tpa=2 on 2 "
+                                                 r"workers"):
+        apply_helix(_args(twins["llama2"], {"kvp": 2, "tpa": 1}))
+    four_kv_heads = make_tiny_model(tmp_path / "llama4", "llama", kv_heads=4)
+    with pytest.raises(HelixStartupError, match=r"a kvp>1 layout needs at least 8 workers \(kvp=2,tpa=4\) and "
+                                                 r"this machine has 2 cores: serve it without Helix"):
+        apply_helix(_args(four_kv_heads, {"kvp": 2, "tpa": 1}))

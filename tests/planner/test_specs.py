@@ -151,3 +151,10 @@ def test_hardware_profile_errors() -> None:
         hardware_from_dict(dict(good, memory={"capacity_gb": 1, "bandwidth_gb_s": 0}), "x")
     with pytest.raises(PlannerError, match="at most 2 GPUs"):
         hardware_from_dict(good, "x").link_between_domains()
+
+
+def test_model_preset_keys_outside_config_are_refused_not_ignored(tmp_path: Path) -> None:
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("name: mine\nconfig:\n  hidden_size: 8\nnum_hidden_layers: 4\n")
+    with pytest.raises(PlannerError, match=r"unknown key\(s\) \['num_hidden_layers'\].*go under 'config:'"):
+        load_model(str(preset))

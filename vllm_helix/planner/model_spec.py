@@ -322,6 +322,9 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in MODEL_PRESET_DIR.glob("*.yaml"))
 
 
+_PRESET_KEYS = ("name", "hf_id", "config")
+
+
 def _load_preset_file(path: Path) -> ModelSpec:
     try:
         data = yaml.safe_load(path.read_text())
@@ -329,6 +332,10 @@ def _load_preset_file(path: Path) -> ModelSpec:
         raise PlannerError(f"model preset {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("config"), Mapping):
         raise PlannerError(f"model preset {str(path)!r} must have a 'config:' mapping of config.json fields")
+    unknown = sorted(str(key) for key in data if key not in _PRESET_KEYS)
+    if unknown:
+        raise PlannerError(f"model preset {str(path)!r} has unknown key(s) {unknown}, which would be ignored; "
+                           f"valid keys are {', '.join(_PRESET_KEYS)} (config.json fields go under 'config:')")
     return spec_from_hf_config(data["config"], name=str(data.get("name", path.stem)),
                                source=str(data.get("hf_id", path.stem)))
 
