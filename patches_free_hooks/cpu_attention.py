@@ -29,6 +29,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from vllm_helix.attention import helix_decode, paged_extend
 from vllm_helix.striping import query_positions, visible_local_lengths
@@ -67,9 +68,14 @@ class HelixCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             register_striped_slot_mapping()
 
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False):
-        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if self.helix is None or not self.helix.sharded:
-            return metadata
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        with record_function("helix/metadata"):
+            return self._build_helix(common_prefix_len, common_attn_metadata, fast_build)
+
+    def _build_helix(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool):
+        assert self.helix is not None
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         num_reqs = common_attn_metadata.num_reqs
         rows, positions = query_positions(
             common_attn_metadata.query_start_loc[: num_reqs + 1], common_attn_metadata.seq_lens[:num_reqs]
@@ -112,6 +118,12 @@ class HelixCPUAttentionImpl(CPUAttentionBackendImpl):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if self.helix is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        with record_function("helix/kv_append"):
+            self._append(key, value, kv_cache, slot_mapping)
+
+    @staticmethod
+    def _append(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write this rank's K/V rows (slots of other ranks are -1) into the ``[.., K|V]`` cache."""
         block_size = kv_cache.shape[2]
         slots = slot_mapping[: key.shape[0]].to(torch.int64)
         mine = slots >= 0
@@ -130,7 +142,8 @@ class HelixCPUAttentionImpl(CPUAttentionBackendImpl):
                                    output_scale, output_block_scale)
         num_tokens = attn_metadata.num_actual_tokens
         group = internal("vllm.distributed.parallel_state:get_dcp_group")()
-        slice_query = group.all_gather(query[:num_tokens].contiguous(), dim=1)  # [T, H/TPA, D]
+        with record_function("helix/query_all_gather"):
+            slice_query = group.all_gather(query[:num_tokens].contiguous(), dim=1)  # [T, H/TPA, D]
         head_dim = self.head_size
         key_cache = kv_cache[..., :head_dim].transpose(1, 2)  # [blocks, block_size, kv_heads, D]
         value_cache = kv_cache[..., head_dim:].transpose(1, 2)

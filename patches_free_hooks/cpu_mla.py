@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from vllm_helix.attention import helix_decode, paged_decode_mla
 
@@ -72,7 +73,8 @@ class HelixCPUMLAImpl(CPUMLAImpl):
             q = torch.cat(q, dim=-1)
         decode = attn_metadata.decode
         total = decode.dcp_tot_seq_lens
-        local = self.helix.striping.local_lengths(total)[self.helix.kvp_rank]
+        with record_function("helix/metadata"):
+            local = self.helix.striping.local_lengths(total)[self.helix.kvp_rank]
         layer.dcp_manager.combine = _already_combined
 
         def shard_attention(query: torch.Tensor, table: torch.Tensor, lens: torch.Tensor):

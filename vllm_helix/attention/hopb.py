@@ -6,6 +6,9 @@ and launches each one's all-to-all asynchronously as soon as its local attention
 is done, so communication hides behind the next micro-batch's compute; the
 combine of micro-batch i runs once micro-batch i+1's exchange is in flight.
 Requests are independent, so the result is the same as without overlap.
+
+Each hop runs inside a ``helix/...`` profiler range (free when no profiler is
+active), which ``benchmarks/decode_step_profile.py`` reads.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from vllm_helix.attention.exchange import KVPExchange, PendingExchange
 
@@ -56,14 +60,18 @@ def helix_decode(
     finished: list[tuple[torch.Tensor, torch.Tensor]] = []
     in_flight: PendingExchange | None = None
     for start, end in micro_batch_bounds(query.shape[0], hopb):
-        out, lse = decode(query[start:end], block_table[start:end], seq_lens[start:end])
-        launched = exchange.start(out, lse)
+        with record_function("helix/shard_attention"):
+            out, lse = decode(query[start:end], block_table[start:end], seq_lens[start:end])
+        with record_function("helix/exchange_launch"):
+            launched = exchange.start(out, lse)
         if in_flight is not None:  # had this micro-batch's compute time to finish
-            finished.append(in_flight.wait())
+            with record_function("helix/exchange_wait_merge"):
+                finished.append(in_flight.wait())
         in_flight = launched
     if in_flight is None:  # empty batch
         heads = query.shape[1] // exchange.kvp
         empty = decode(query, block_table, seq_lens)
         return empty[0][:, :heads], empty[1][:, :heads]
-    finished.append(in_flight.wait())
+    with record_function("helix/exchange_wait_merge"):
+        finished.append(in_flight.wait())
     return torch.cat([o for o, _ in finished]), torch.cat([l for _, l in finished])
