@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
-TWINS = Path(".cache/twins")
 DTYPE = "float32"
 FILL = {"kv_connector": "DecodeBenchConnector", "kv_role": "kv_both",
         "kv_connector_extra_config": {"fill_mean": 0.015, "fill_std": 0.02}}
@@ -87,20 +86,14 @@ def _worker(spec: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver side
 def twin(name: str) -> Path:
     """The twin, built once, with ``max_position_embeddings`` raised to MAX_POSITIONS."""
-    from vllm_helix.twins import make_tiny_model
+    from vllm_helix.twins import benchmark_twin
 
-    path = TWINS / name
-    if not (path / "config.json").exists():
-        if name == "deepseek_v3":
-            make_tiny_model(path, "deepseek_v3")
-        else:
-            make_tiny_model(path, "llama", kv_heads=1)
-    config_path = path / "config.json"
+    config_path = benchmark_twin(name) / "config.json"
     config = json.loads(config_path.read_text())
     if config.get("max_position_embeddings", 0) < MAX_POSITIONS:
         config["max_position_embeddings"] = MAX_POSITIONS
         config_path.write_text(json.dumps(config, indent=2))
-    return path
+    return config_path.parent
 
 
 def llm_kwargs(model: Path, config: str, max_model_len: int, fill: bool) -> dict[str, Any]:

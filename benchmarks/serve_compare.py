@@ -32,10 +32,9 @@ from typing import Any
 from vllm_helix.machine import describe_machine, machine_line
 from vllm_helix.server import (Server, ServerError, baseline_engine_kwargs, cpu_env, engine_flags, vllm_command,
                                vllm_helix_command)
-from vllm_helix.twins import make_tiny_model
+from vllm_helix.twins import benchmark_twin as twin
 
 RESULTS = Path(__file__).parent / "results"
-TWINS = Path(".cache/twins")
 # vLLM's CPU rotary kernel is wrong for MLA (docs/cpu-determinism.md); all MLA servers use PyTorch's.
 EXACT_ROPE = ["--compilation-config", json.dumps({"custom_ops": ["all", "-rotary_embedding"]})]
 METRICS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_tpot_ms", "p99_tpot_ms",
@@ -71,16 +70,6 @@ def configs(arch_filter: set[str]) -> list[Config]:
         Config("llama_kv1", "vLLM DCP=2", 2, ["--tensor-parallel-size", "2", "--decode-context-parallel-size", "2"]),
     ]
     return [c for c in table if c.model in arch_filter]
-
-
-def twin(name: str) -> Path:
-    path = TWINS / name
-    if not (path / "config.json").exists():
-        if name == "deepseek_v3":
-            make_tiny_model(path, "deepseek_v3")
-        else:
-            make_tiny_model(path, "llama", kv_heads=1)
-    return path
 
 
 def bench(server: Server, model: Path, input_len: int, output_len: int, concurrency: int, prompts: int,

@@ -117,6 +117,18 @@ def make_tiny_model(
     return out
 
 
+# The twins the benchmarks compare: the DeepSeek-V3 twin (MLA) and the Llama twin with one KV head.
+BENCHMARK_TWINS = {"deepseek_v3": {"arch": "deepseek_v3"}, "llama_kv1": {"arch": "llama", "kv_heads": 1}}
+
+
+def benchmark_twin(name: str, root: str | Path = ".cache/twins") -> Path:
+    """``root/name``, one of :data:`BENCHMARK_TWINS`, built on first use and reused after."""
+    path = Path(root) / name
+    if not (path / "config.json").exists():
+        make_tiny_model(path, **BENCHMARK_TWINS[name])
+    return path
+
+
 def _validate(arch: str, dtype: str, layers: int, kv_heads: int = 2) -> None:
     if arch not in ARCHS:
         raise TwinError(f"arch {arch!r} not supported; choose deepseek_v3 or llama")
