@@ -341,7 +341,14 @@ def markdown(payload: dict[str, Any]) -> str:
         errors = sorted({p["error"] for r in (tp, helix) if r for p in r["points"] if p.get("error")})
         lines += [f"- failed: {text}" for text in errors]
         lines.append("")
-    lines += ["## Targets (long-context issue), side by side in this run", ""] + target_lines(payload)
+    lines += ["## Targets (long-context issue); each twin's TP and Helix measured in one run", ""]
+    lines += target_lines(payload)
+    lines += ["", "Why the misses, from [decode_step_profile.md](decode_step_profile.md): at 4K Helix pays per step for "
+              "its collectives between two processes that share two cores (the query all-gather and the exchange "
+              "over gloo, mostly waiting for the peer) and the Python around them; at long context on the GQA twin "
+              "the per-shard kernel (torch's flash kernel) reads a byte more slowly than vLLM's C++ decode kernel "
+              "that TP uses, so halving the bytes does not halve the time. On the MLA twin torch's kernel is the "
+              "faster one, and Helix gets close to the 0.5x bound."]
     lines += ["", "![TPOT against context](long_context.png)", ""]
     return "\n".join(lines) + "\n"
 
