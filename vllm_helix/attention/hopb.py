@@ -7,8 +7,8 @@ is done, so communication hides behind the next micro-batch's compute; the
 combine of micro-batch i runs once micro-batch i+1's exchange is in flight.
 Requests are independent, so the result is the same as without overlap.
 
-Each hop runs inside a ``helix/...`` profiler range (free when no profiler is
-active), which ``benchmarks/decode_step_profile.py`` reads.
+Each hop runs inside a ``helix/...`` profiler range (a few microseconds when no
+profiler is active), which ``benchmarks/decode_step_profile.py`` reads.
 """
 
 from __future__ import annotations
