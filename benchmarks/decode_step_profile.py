@@ -167,14 +167,13 @@ def grouped(ops_ms: dict[str, float]) -> dict[str, float]:
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    from vllm_helix.machine import machine_line
+    from vllm_helix.machine import machine_sentence
 
     m = payload["machine"]
     lines = [
         "# One decode step inside vLLM: Helix kvp=2 against TP=2",
         "",
-        f"Machine: {machine_line(m)}, Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f". Date {payload['date']}.",
+        machine_sentence(m, payload["date"]),
         "Batch 1, float32 twins (2 layers), two CPU workers, KV filled by `DecodeBenchConnector`. TPOT is measured "
         "without the profiler. The worker step is the mean of vLLM's own per-step annotation on rank 0 "
         f"(`{STEP}...`) over {PROFILED_STEPS} profiled decode steps (PyTorch profiler through vLLM's "

@@ -291,14 +291,13 @@ def target_lines(payload: dict[str, Any]) -> list[str]:
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    from vllm_helix.machine import machine_line
+    from vllm_helix.machine import machine_sentence
 
     m, s = payload["machine"], payload["settings"]
     lines = [
         "# Long-context decode: Helix kvp=2 against TP=2, 4K to 2M tokens",
         "",
-        f"Machine: {machine_line(m)}, Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f". Date {payload['date']}.",
+        machine_sentence(m, payload["date"]),
         f"Setup: offline `vllm.LLM`, {DTYPE} twins (Llama with 1 KV head; DeepSeek-V3 with MLA), two CPU workers, "
         "one core each, 1 GiB of KV cache per worker (`VLLM_CPU_KVCACHE_SPACE=1`), `enforce_eager`, greedy, "
         f"{s['output_len']} output tokens per request. TPOT from vLLM's engine timestamps per request, "

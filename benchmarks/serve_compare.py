@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_helix.machine import describe_machine, machine_line
+from vllm_helix.machine import describe_machine, machine_sentence
 from vllm_helix.server import (Server, ServerError, baseline_engine_kwargs, cpu_env, engine_flags, vllm_command,
                                vllm_helix_command)
 from vllm_helix.twins import benchmark_twin as twin
@@ -190,8 +190,7 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Serving comparison: Helix vs TP (duplicated KV) vs vLLM's DCP, through `vllm bench serve`",
         "",
-        f"Machine: {machine_line(m)}, Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f". Date {payload['date']}.",
+        machine_sentence(m, payload["date"]),
         f"Workload: random dataset, (input tokens x concurrency) points {', '.join(f'{n}x{c}' for n, c in s['sweep'])}, "
         f"{s['output_len']} output tokens (ignore EOS), {s['prompts_per_slot']} prompts per concurrency slot; "
         f"offline twins in float32 (bf16 where the configuration says so), `--max-model-len {s['max_model_len']}`, 1 GiB of KV cache per worker "

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from vllm_helix.attention import paged_decode_mla, paged_extend
-from vllm_helix.machine import describe_machine, machine_line, median_seconds
+from vllm_helix.machine import describe_machine, machine_sentence, median_seconds
 
 RESULTS = Path(__file__).parent / "results"
 BLOCK_SIZE, HEADS, HEAD_DIM, LATENT, KV_LORA_RANK = 16, 8, 64, 576, 512
@@ -95,8 +95,7 @@ def markdown(payload: dict) -> str:
     lines = [
         "# Per-shard attention kernels on CPU: plain-torch reference vs torch's flash kernel",
         "",
-        f"Machine: {machine_line(m)} (benchmark on 1 thread, as a served worker), Python {m['python']}, "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f". Date {payload['date']}.",
+        machine_sentence(m, payload["date"], " (benchmark on 1 thread, as a served worker)"),
         "One rank's shard; 8 query heads; GQA: head dim 64, 1 KV head (the backend's K|V cache); MLA: latent "
         "512 + 64, absorbed query. Medians in ms. Reproduce: `.venv/bin/python benchmarks/shard_kernels_cpu.py`.",
         "",

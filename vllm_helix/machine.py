@@ -55,6 +55,12 @@ def machine_line(machine: dict[str, object]) -> str:
     return f"{machine['cpu']} ({amx}), {machine['cores']} cores"
 
 
+def machine_sentence(machine: dict[str, object], date: str, note: str = "") -> str:
+    """A results file's first line: ``Machine: CPU (AMX), N cores<note>, Python X, versions. Date D.``"""
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())  # type: ignore[union-attr]
+    return f"Machine: {machine_line(machine)}{note}, Python {machine['python']}, {versions}. Date {date}."
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call (not counted)."""
     fn()
