@@ -234,3 +234,15 @@ def test_vllm_loads_the_twin_and_agrees_with_transformers(arch: str, tp: int, tm
         # tokens match transformers' float32 forward pass of the same sequence.
         reference = _transformers_logprobs(hf, seq)
         assert torch.allclose(torch.tensor(seq["logprobs"]), reference, atol=1e-4), (seq, reference)
+
+
+def test_benchmark_twins_are_built_once_and_reused(tmp_path: Path) -> None:
+    from vllm_helix.twins import BENCHMARK_TWINS, benchmark_twin
+
+    assert set(BENCHMARK_TWINS) == {"deepseek_v3", "llama_kv1"}
+    path = benchmark_twin("llama_kv1", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    assert path == tmp_path / "llama_kv1" and config["num_key_value_heads"] == 1
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert benchmark_twin("llama_kv1", tmp_path) == path
+    assert (path / "config.json").stat().st_mtime_ns == stamp
