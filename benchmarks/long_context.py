@@ -120,7 +120,7 @@ def run_engine(model: Path, config: str, points: list[tuple[int, int]], fill: bo
     ``profile_steps`` > 0 decodes the last point's context once more under vLLM's profiler
     (``extra_llm_kwargs`` then carries the ``profiler_config``).
     """
-    from vllm_helix.server import cpu_env
+    from vllm_helix.server import cpu_env, kv_cache_tokens, vllm_failure
 
     max_len = max(context for context, _ in points) + output_len + 16
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +138,7 @@ def run_engine(model: Path, config: str, points: list[tuple[int, int]], fill: bo
                 proc.wait()
                 return {"error": f"timed out after {timeout_s:.0f}s"}
         text = log.read_text(errors="replace")
-        capacity = re.search(r"KV cache size: ([\d,]+) tokens", text)
-        result: dict[str, Any] = {"kv_cache_tokens": int(capacity.group(1).replace(",", "")) if capacity else None}
+        result: dict[str, Any] = {"kv_cache_tokens": kv_cache_tokens(text)}
         done = json.loads(out.read_text())["points"] if out.exists() else []
         if code == 0:
             result["points"] = done
@@ -148,19 +147,8 @@ def run_engine(model: Path, config: str, points: list[tuple[int, int]], fill: bo
     too_long = re.search(r"estimated maximum model length is (\d+)", text)
     if too_long:
         result["max_model_len"] = int(too_long.group(1))
-    result["error"] = _refusal(text)
+    result["error"] = vllm_failure(text)
     return result
-
-
-def _refusal(text: str) -> str:
-    """vLLM's own reason for a failed start or run (the first error line that says something)."""
-    if "died unexpectedly" in text:
-        return "a worker process died (on these machines: killed by the kernel for lack of memory)"
-    for line in text.splitlines():
-        match = re.search(r"\b\w+(?:Error|Exception): (.+)", line)
-        if match and "Engine core initialization failed" not in match.group(1):
-            return match.group(1).strip()[:300]
-    return text.strip().splitlines()[-1][:300] if text.strip() else "no output"
 
 
 def measure(model_name: str, config: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 from vllm_helix.machine import describe_machine, machine_sentence
 from vllm_helix.server import (Server, ServerError, baseline_engine_kwargs, cpu_env, engine_flags, vllm_command,
-                               vllm_helix_command)
+                               vllm_failure, vllm_helix_command)
 from vllm_helix.twins import benchmark_twin as twin
 
 RESULTS = Path(__file__).parent / "results"
@@ -119,20 +118,10 @@ def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[
                       f"{run['mean_ttft_ms']:.0f} ms, {run['output_throughput']:.1f} tok/s, "
                       f"failed {run['failed']} ({time.monotonic() - started:.0f}s)", flush=True)
     except ServerError as err:
-        refusal = _refusal(log.read_text(errors="replace") if log.exists() else str(err))
+        refusal = vllm_failure(log.read_text(errors="replace") if log.exists() else str(err))
         record["refused"] = refusal
         print(f"  refused at start-up: {refusal}", flush=True)
     return record
-
-
-def _refusal(text: str) -> str:
-    """The exception message of a failed start that says why (vLLM's own error), else the tail."""
-    generic = ("Engine core initialization failed", "cancelled", "EngineCore encountered", "Worker failed")
-    for line in text.splitlines():
-        match = re.search(r"\b\w+(?:Error|Exception): (.+)", line)
-        if match and " WARNING " not in line and not any(g in match.group(1) for g in generic):
-            return match.group(1).strip()[:400]
-    return text.strip().splitlines()[-1][:400] if text.strip() else "no output"
 
 
 def predictions(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:

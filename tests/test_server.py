@@ -79,3 +79,16 @@ def test_machine_records_amx(amx: bool) -> None:
     assert ("(AMX)" if amx else "(no AMX)") in machine.machine_line(described)
     assert "AMX not recorded" in machine.machine_line({"cpu": "x", "cores": 2})
 
+
+
+def test_vllm_logs_give_capacity_and_the_real_failure() -> None:
+    from vllm_helix.server import kv_cache_tokens, vllm_failure
+
+    assert kv_cache_tokens("INFO CPU KV cache size: 1,042,479 tokens, Maximum concurrency") == 1042479
+    assert kv_cache_tokens("no report") is None
+    log = ("(EngineCore) WARNING ValueError: ignored\n(EngineCore) RuntimeError: Engine core initialization failed\n"
+           "ValueError: To serve at least one request ...\nlast line")
+    assert vllm_failure(log) == "To serve at least one request ..."
+    assert vllm_failure("Worker proc VllmWorker-0 died unexpectedly\nRuntimeError: cancelled").startswith(
+        "a worker process died")
+    assert vllm_failure("only this\nlast") == "last" and vllm_failure("") == "no output"

@@ -52,6 +52,29 @@ def cpu_env(workers: int) -> dict[str, str]:
     return env
 
 
+def kv_cache_tokens(log_text: str) -> int | None:
+    """The KV-cache capacity vLLM reports at start-up (``KV cache size: N tokens``), if it got that far."""
+    size = re.search(r"KV cache size: ([\d,]+) tokens", log_text)
+    return int(size.group(1).replace(",", "")) if size else None
+
+
+def vllm_failure(log_text: str) -> str:
+    """Why a vLLM engine or server failed, from its log: vLLM's own error, not the generic ones around it.
+
+    A worker that vanished (on these machines: the kernel's out-of-memory killer) leaves only
+    generic errors behind, so it is named as such; otherwise the first ``...Error: message``
+    line that says something; otherwise the last line.
+    """
+    if "died unexpectedly" in log_text:
+        return "a worker process died (on these machines: killed by the kernel for lack of memory)"
+    generic = ("Engine core initialization failed", "cancelled", "EngineCore encountered", "Worker failed")
+    for line in log_text.splitlines():
+        match = re.search(r"\b\w+(?:Error|Exception): (.+)", line)
+        if match and " WARNING " not in line and not any(g in match.group(1) for g in generic):
+            return match.group(1).strip()[:400]
+    return log_text.strip().splitlines()[-1][:400] if log_text.strip() else "no output"
+
+
 class Server:
     """``with Server(cmd, log_path) as server:`` runs ``cmd --port P`` until the block ends."""
 
@@ -124,11 +147,11 @@ class Server:
     def kv_capacity(self) -> dict[str, float]:
         """vLLM's start-up report: KV-cache tokens and maximum concurrency at max_model_len."""
         text = self.log_text()
-        size = re.search(r"KV cache size: ([\d,]+) tokens", text)
+        size = kv_cache_tokens(text)
         conc = re.search(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
-        if not size or not conc:
+        if size is None or not conc:
             raise ServerError("the server log has no KV-cache capacity report")
-        return {"kv_cache_tokens": int(size.group(1).replace(",", "")),
+        return {"kv_cache_tokens": size,
                 "max_model_len": int(conc.group(1).replace(",", "")),
                 "max_concurrency": float(conc.group(2))}
 
