@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_helix.server import baseline_attention_backend, baseline_engine_kwargs, cpu_env
+from vllm_helix.server import baseline_attention_backend, baseline_engine_kwargs, cpu_env, kv_cache_tokens
 from vllm_helix.twins import make_tiny_model
 
 
@@ -33,10 +33,10 @@ DRIVER = Path(__file__).with_name("generate_driver.py")
 
 
 def _kv_report(log: str) -> dict[str, float]:
-    size = re.search(r"KV cache size: ([\d,]+) tokens", log)
+    size = kv_cache_tokens(log)
     conc = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", log)
-    assert size and conc, log[-3000:]
-    return {"kv_cache_tokens": int(size.group(1).replace(",", "")), "max_concurrency": float(conc.group(1))}
+    assert size is not None and conc, log[-3000:]
+    return {"kv_cache_tokens": size, "max_concurrency": float(conc.group(1))}
 
 
 @pytest.fixture(scope="session")
