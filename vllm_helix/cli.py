@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "plan": "vllm_helix.planner.command",
     "make-tiny-model": "vllm_helix.twins",
     "serve": "vllm_helix.serve",
+    "build-kernel": "vllm_helix.build_kernel",
 }
 
 

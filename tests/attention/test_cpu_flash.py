@@ -11,7 +11,6 @@ from vllm_helix.attention.cpu_flash import (
     block_runs,
     flash_extend,
     shard_pieces,
-    use_flash,
 )
 from vllm_helix.attention.paged_cache import read_sequence
 from vllm_helix.attention.paged_decode import paged_decode_mla
@@ -156,13 +155,3 @@ def test_unused_blocks_and_slots_past_the_end_are_never_read(fresh_seed):
     poisoned_v.view(-1, 2, 16)[unseen] = float("nan")
     out, _ = flash_extend(query, poisoned_k, poisoned_v, table, visible, 0.4)
     assert torch.equal(out, baseline)
-
-
-def test_kernel_choice_errors():
-    query = torch.zeros(1, 2, 8)
-    assert use_flash(query, "auto", 8, 8) and not use_flash(query, "reference", 8, 8)
-    assert not use_flash(query, "auto", 8, 4)  # unequal dims: auto takes the reference
-    with pytest.raises(ValueError, match="equal key and value dims"):
-        use_flash(query, "flash", 8, 4)
-    with pytest.raises(ValueError, match="kernel='fast': use 'auto', 'flash' or 'reference'"):
-        use_flash(query, "fast", 8, 8)

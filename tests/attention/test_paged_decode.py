@@ -23,7 +23,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).norm() / expected.norm())
 
 
-@pytest.mark.parametrize("kernel", ["reference", "flash"])
+@pytest.mark.parametrize("kernel", ["reference", "flash", "native"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mla, kv_heads", [(False, 8), (False, 4), (False, 1), (True, 1)])
 def test_single_shard_decode_matches_dense_attention(fresh_seed, dtype, mla, kv_heads, kernel):
@@ -39,7 +39,7 @@ def test_single_shard_decode_matches_dense_attention(fresh_seed, dtype, mla, kv_
     assert relative_error(lse, ref_lse) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("kernel", ["reference", "flash"])
+@pytest.mark.parametrize("kernel", ["reference", "flash", "native"])
 def test_empty_and_padded_rows(kernel):
     key_cache = torch.full((4, 4, 1, 8), float("nan"))  # NaN everywhere unread
     value_cache = torch.full((4, 4, 1, 8), float("nan"))

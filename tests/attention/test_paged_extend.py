@@ -33,7 +33,7 @@ def _problem(seed: int, dtype: torch.dtype, kv_heads: int):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kv_heads", [1, 2, 8])
 @pytest.mark.parametrize("query_chunk", [1, 5, 256])
-@pytest.mark.parametrize("kernel", ["reference", "flash"])
+@pytest.mark.parametrize("kernel", ["reference", "flash", "native"])
 def test_extend_equals_one_decode_per_query_token(fresh_seed: int, dtype, kv_heads: int, query_chunk: int,
                                                   kernel: str) -> None:
     query, key_cache, value_cache, table, visible = _problem(fresh_seed, dtype, kv_heads)
@@ -47,7 +47,7 @@ def test_extend_equals_one_decode_per_query_token(fresh_seed: int, dtype, kv_hea
     assert float((lse[seen] - ref_lse[seen]).abs().max()) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("kernel", ["reference", "flash"])
+@pytest.mark.parametrize("kernel", ["reference", "flash", "native"])
 def test_tokens_of_other_sequences_never_leak(fresh_seed: int, kernel: str) -> None:
     query, key_cache, value_cache, table, visible = _problem(fresh_seed, torch.float64, 2)
     baseline, _ = paged_extend(query, key_cache, value_cache, table, visible, 0.3, kernel=kernel)

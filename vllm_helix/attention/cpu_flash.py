@@ -31,8 +31,6 @@ see nothing get zeros and ``lse = -inf`` (the kernel itself would report 0).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 
 from vllm_helix.attention.merge import accumulation_dtype, merge_attention_states
@@ -46,36 +44,20 @@ MIN_VIEW_BLOCKS = 4
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
-Kernel = Literal["auto", "flash", "reference"]
 PartialState = tuple[torch.Tensor, torch.Tensor]  # (out [T, H, Dv], lse [T, H])
 
 
-def flash_supported(query: torch.Tensor) -> bool:
-    """True when torch's CPU flash kernel can run this query (CPU tensor, float dtype)."""
+def flash_supported(query: torch.Tensor, key_dim: int, value_dim: int) -> bool:
+    """True when torch's CPU flash kernel can run this query: a CPU float tensor, equal key and value dims.
+
+    (MLA passes its latent as both key and value.)
+    """
     return (
         query.device.type == "cpu"
         and query.dtype in _SUPPORTED_DTYPES
+        and key_dim == value_dim
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )
-
-
-def use_flash(query: torch.Tensor, kernel: Kernel, key_dim: int, value_dim: int) -> bool:
-    """Resolve ``kernel``: ``"auto"`` is the flash kernel where it runs, the reference elsewhere.
-
-    The flash kernel needs equal key and value dims (MLA passes its latent as both).
-    """
-    if kernel == "reference":
-        return False
-    if kernel not in ("auto", "flash"):
-        raise ValueError(f"kernel={kernel!r}: use 'auto', 'flash' or 'reference'")
-    supported = flash_supported(query) and key_dim == value_dim
-    if kernel == "flash" and not supported:
-        raise ValueError(
-            f"kernel='flash' needs a CPU query in one of {[str(d) for d in _SUPPORTED_DTYPES]} and equal "
-            f"key and value dims (got {query.device.type} {query.dtype}, dims {key_dim} and {value_dim}); "
-            "use kernel='auto'"
-        )
-    return supported
 
 
 class GatherArena:
@@ -258,7 +240,9 @@ def flash_extend(
     and keeps the first ``kv_lora_rank`` output dims).
     """
     tokens, heads, _ = query.shape
-    use_flash(query, "flash", key_cache.shape[-1], value_cache.shape[-1])  # raises where it cannot run
+    if not flash_supported(query, key_cache.shape[-1], value_cache.shape[-1]):
+        raise ValueError(f"torch's CPU flash kernel cannot run a {query.device.type} {query.dtype} query "
+                         f"with key dim {key_cache.shape[-1]} and value dim {value_cache.shape[-1]}")
     if heads % key_cache.shape[2]:
         raise ValueError(f"{heads} query heads do not group over {key_cache.shape[2]} KV heads")
     acc = accumulation_dtype(query.dtype)

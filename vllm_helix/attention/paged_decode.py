@@ -1,12 +1,13 @@
 """Per-shard decode attention over a paged KV cache, returning the log-sum-exp.
 
-Two kernels behind one call (``kernel=``): ``"reference"``, written in plain torch
-ops for any device, accumulating in float32 (float64 for float64 inputs): the
-reference every faster kernel is tested against; and ``"flash"``, torch's fused
-CPU flash-attention kernel over views of the cache
-(:mod:`~vllm_helix.attention.cpu_flash`), the CPU production path. ``"auto"``
-(the default) picks flash on CPU. Both return the natural-log LSE that the Helix
-combine needs. A sequence whose shard is empty (local length 0) returns zeros and
+Three kernels behind one call (``kernel=``, :mod:`~vllm_helix.attention.kernel_choice`):
+``"reference"``, written in plain torch ops for any device, accumulating in float32
+(float64 for float64 inputs): the reference every faster kernel is tested against;
+``"native"``, the C++ decode kernel (:mod:`~vllm_helix.attention.cpu_native`), the
+CPU production path; and ``"flash"``, torch's fused CPU flash-attention kernel over
+views of the cache (:mod:`~vllm_helix.attention.cpu_flash`). ``"auto"`` (the
+default) picks native on CPU, flash where it is not built. All return the
+natural-log LSE that the Helix combine needs. A sequence whose shard is empty (local length 0) returns zeros and
 ``lse = -inf``, so it weighs nothing in the combine.
 
 Cache layouts follow vLLM:
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_helix.attention.cpu_flash import Kernel, flash_extend, use_flash
+from vllm_helix.attention.cpu_flash import flash_extend
+from vllm_helix.attention.cpu_native import native_decode
+from vllm_helix.attention.kernel_choice import Kernel, choose_kernel
 from vllm_helix.attention.merge import accumulation_dtype
 from vllm_helix.attention.paged_cache import read_sequence
 
@@ -82,15 +85,18 @@ def paged_decode(
         block_table: ``[batch, max_blocks]`` block ids of each sequence's shard.
         seq_lens: ``[batch]`` tokens of each sequence in this shard (may be 0).
         scale: softmax scale applied to ``q . k``.
-        kernel: ``"auto"``, ``"flash"`` (CPU) or ``"reference"`` (see the module docstring).
+        kernel: ``"auto"``, ``"native"``, ``"flash"`` (CPU) or ``"reference"`` (see the module docstring).
 
     Returns:
         ``(out [batch, num_heads, head_dim_v]`` in the query's dtype,
         ``lse [batch, num_heads]`` natural log in the accumulation dtype).
         Query head ``h`` attends KV head ``h // (num_heads // num_kv_heads)``.
     """
-    if use_flash(query, kernel, key_cache.shape[-1], value_cache.shape[-1]):
-        # A decode is an extend with one query token per sequence that sees its whole shard.
+    choice = choose_kernel(query, kernel, key_cache.shape[-1], value_cache.shape[-1])
+    # A decode is an extend with one query token per sequence that sees its whole shard.
+    if choice == "native":
+        return native_decode(query, key_cache, value_cache, block_table, seq_lens, scale)
+    if choice == "flash":
         return flash_extend(query, key_cache, value_cache, block_table, seq_lens, scale)
 
     def read_kv(block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,13 +122,17 @@ def paged_decode_mla(
         query: ``[batch, num_heads, kv_lora_rank + rope_dim]`` absorbed query.
         latent_cache: ``[num_blocks, block_size, kv_lora_rank + rope_dim]``.
         kv_lora_rank: latent dims that double as the value (512 for DeepSeek).
-        kernel: ``"auto"``, ``"flash"`` (CPU) or ``"reference"`` (see the module docstring).
+        kernel: ``"auto"``, ``"native"``, ``"flash"`` (CPU) or ``"reference"`` (see the module docstring).
     """
     if query.shape[-1] != latent_cache.shape[-1]:
         raise ValueError(
             f"absorbed query dim {query.shape[-1]} != latent cache dim {latent_cache.shape[-1]}"
         )
-    if use_flash(query, kernel, latent_cache.shape[-1], latent_cache.shape[-1]):
+    choice = choose_kernel(query, kernel, latent_cache.shape[-1], latent_cache.shape[-1])
+    if choice == "native":  # the latent is the one KV head; its first kv_lora_rank dims the value
+        latent = latent_cache.unsqueeze(2)
+        return native_decode(query, latent, latent[..., :kv_lora_rank], block_table, seq_lens, scale)
+    if choice == "flash":
         # The latent is the one KV head and, whole, the value: its first kv_lora_rank
         # output dims are the MLA output (the rope dims' share is computed and dropped).
         latent = latent_cache.unsqueeze(2)

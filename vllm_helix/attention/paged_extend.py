@@ -9,17 +9,25 @@ is quadratic in bytes for long prompts. This kernel reads each sequence's shard
 once and attends all of its query tokens to it with a prefix mask, in query
 chunks that bound the score matrix. Returns the partial output and the natural
 log-sum-exp; a token that sees nothing (``visible = 0``) gets zeros and ``-inf``.
-As :func:`~vllm_helix.attention.paged_decode.paged_decode`, it runs on torch's CPU
-flash kernel by default (``kernel="auto"``) and keeps the plain-torch reference.
+On CPU (``kernel="auto"``, :mod:`~vllm_helix.attention.kernel_choice`) decode tokens
+run on the C++ decode kernel and prefill chunks on torch's flash kernel, which
+reads the shard once for all of a chunk's tokens; the plain-torch reference stays.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_helix.attention.cpu_flash import DEFAULT_QUERY_CHUNK, Kernel, flash_extend, use_flash
+from vllm_helix.attention.cpu_flash import DEFAULT_QUERY_CHUNK, flash_extend, flash_supported
+from vllm_helix.attention.cpu_native import native_decode
+from vllm_helix.attention.kernel_choice import Kernel, choose_kernel
 from vllm_helix.attention.merge import accumulation_dtype
 from vllm_helix.attention.paged_cache import read_sequence, row_groups
+
+# A sequence with more query tokens than this in one call is a prefill chunk: under
+# "auto" it goes to the flash kernel, which reads its shard once for all of them
+# (the decode kernel would read it once per token).
+NATIVE_MAX_ROW_TOKENS = 4
 
 
 def paged_extend(
@@ -42,14 +50,20 @@ def paged_extend(
         visible_lens: ``[tokens]`` shard tokens each query may see (0 allowed).
         scale: softmax scale.
         query_chunk: query tokens per score block (bounds the temporaries).
-        kernel: ``"auto"``, ``"flash"`` (CPU) or ``"reference"``.
+        kernel: ``"auto"``, ``"native"``, ``"flash"`` (CPU) or ``"reference"``.
 
     Returns:
         ``(out [tokens, num_heads, head_dim_v]`` in the query's dtype,
         ``lse [tokens, num_heads]`` natural log in the accumulation dtype).
     """
-    if use_flash(query, kernel, key_cache.shape[-1], value_cache.shape[-1]):
+    choice = choose_kernel(query, kernel, key_cache.shape[-1], value_cache.shape[-1])
+    if choice == "flash":
         return flash_extend(query, key_cache, value_cache, block_table, visible_lens, scale, query_chunk)
+    if choice == "native":
+        if kernel == "native" or not flash_supported(query, key_cache.shape[-1], value_cache.shape[-1]):
+            return native_decode(query, key_cache, value_cache, block_table, visible_lens, scale)
+        return _decode_native_prefill_flash(query, key_cache, value_cache, block_table, visible_lens, scale,
+                                            query_chunk)
     tokens, num_heads, _ = query.shape
     acc = accumulation_dtype(query.dtype)
     head_dim_v = value_cache.shape[-1]
@@ -79,3 +93,32 @@ def paged_extend(
             out[lo:hi] = chunk_out.transpose(0, 1).reshape(hi - lo, num_heads, head_dim_v)
             lse[lo:hi] = chunk_lse.transpose(0, 1).reshape(hi - lo, num_heads)
     return out.to(query.dtype), lse
+
+
+def _decode_native_prefill_flash(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    visible_lens: torch.Tensor,
+    scale: float,
+    query_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode tokens on the C++ kernel, prefill chunks (> ``NATIVE_MAX_ROW_TOKENS`` tokens) on flash."""
+    chunks = [(start, end) for start, end in row_groups(block_table) if end - start > NATIVE_MAX_ROW_TOKENS]
+    if not chunks:
+        return native_decode(query, key_cache, value_cache, block_table, visible_lens, scale)
+    tokens, heads, _ = query.shape
+    out = torch.empty(tokens, heads, value_cache.shape[-1], dtype=query.dtype)
+    lse = torch.empty(tokens, heads, dtype=accumulation_dtype(query.dtype))
+    in_chunk = torch.zeros(tokens, dtype=torch.bool)
+    for start, end in chunks:
+        in_chunk[start:end] = True
+        out[start:end], lse[start:end] = flash_extend(query[start:end], key_cache, value_cache,
+                                                      block_table[start:end], visible_lens[start:end], scale,
+                                                      query_chunk)
+    decode = (~in_chunk).nonzero().flatten()
+    if decode.numel():
+        out[decode], lse[decode] = native_decode(query[decode], key_cache, value_cache, block_table[decode],
+                                                 visible_lens[decode], scale)
+    return out, lse

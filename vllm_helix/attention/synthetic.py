@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_helix.attention.cpu_flash import Kernel
+from vllm_helix.attention.kernel_choice import Kernel
 from vllm_helix.attention.exchange import KVPExchange
 from vllm_helix.attention.hopb import helix_decode
 from vllm_helix.attention.paged_decode import paged_decode, paged_decode_mla
