@@ -42,11 +42,12 @@ STEP = "execute_context_0(0)_generation_"  # vLLM's annotation of a worker step 
 
 # name fragment -> group, first match wins (checked against the operation name)
 GROUPS: tuple[tuple[str, str], ...] = (
+    ("helix/native_kernel", "attention kernel"),  # Helix's C++ per-shard decode (a range around the call)
     ("helix/", "helix hops (self)"),
     (STEP, "worker Python between ops"),
     ("cpu_attention_with_kv_cache", "attention kernel"),  # vLLM's C++ CPU decode (TP)
     ("mla_decode_kvcache", "attention kernel"),  # vLLM's C++ CPU MLA decode (TP)
-    ("_scaled_dot_product_flash_attention", "attention kernel"),  # torch's flash kernel (Helix shards)
+    ("_scaled_dot_product_flash_attention", "attention kernel"),  # torch's flash kernel (Helix prefill)
     ("cpu_attn_reshape_and_cache", "KV append"),
     ("concat_and_cache_mla", "KV append"),
     ("all_gather", "collectives"),
@@ -241,10 +242,10 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
             wait = hx_l["helix_ms"].get("helix/exchange_wait_merge", 0.0)
             out.append(
                 f"- **{model}, {long:,} tokens: the kernel.** TP's worker reads the whole KV cache in vLLM's C++ "
-                f"kernel in {tp_kernel:.1f} ms per step; Helix's reads half of it in torch's flash kernel in "
+                f"kernel in {tp_kernel:.1f} ms per step; Helix's reads half of it in its C++ kernel in "
                 f"{hx_kernel:.1f} ms: per byte vLLM's kernel is {2 * hx_kernel / tp_kernel:.2f}x as fast "
                 f"(1.00x would put Helix at half TP's attention time). Helix's exchange wait + merge, "
-                f"{wait:.1f} ms, is mostly the rank waiting for its peer's attention inside `gloo:all_to_all` "
+                f"{wait:.1f} ms, is mostly the rank waiting for its peer's attention inside the exchange "
                 "(the two workers share two cores with vLLM's engine core), not the bytes exchanged (a few KB).")
     return out
 
@@ -256,6 +257,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--log-dir", type=Path, default=Path(".cache/decode-profile"))
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--short-only", action="store_true", help="only the 4K points (the fixed cost)")
     args = parser.parse_args()
     if args.render_only:
         payload = json.loads((RESULTS / "decode_step_profile.json").read_text())
@@ -265,7 +267,7 @@ def main() -> None:
         started = time.monotonic()
         rows = []
         for model in args.models.split(","):
-            for context in POINTS[model]:
+            for context in POINTS[model][:1] if args.short_only else POINTS[model]:
                 for config in CONFIGS:
                     rows.append(profile_point(model, config, context, args))
                     print(json.dumps({k: v for k, v in rows[-1].items() if k != "ops_ms"}), flush=True)

@@ -330,12 +330,14 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Targets (long-context issue); each twin's TP and Helix measured in one run", ""]
     lines += target_lines(payload)
-    lines += ["", "Why the misses, from [decode_step_profile.md](decode_step_profile.md): at 4K Helix pays per step for "
-              "its collectives between two processes that share two cores (the query all-gather and the exchange "
-              "over gloo, mostly waiting for the peer) and the Python around them; at long context on the GQA twin "
-              "the per-shard kernel (torch's flash kernel) reads a byte more slowly than vLLM's C++ decode kernel "
-              "that TP uses, so halving the bytes does not halve the time. On the MLA twin torch's kernel is the "
-              "faster one, and Helix gets close to the 0.5x bound."]
+    lines += ["", "Where Helix still loses, from [decode_step_profile.md](decode_step_profile.md): at 4K and batch 1 "
+              "on the Llama twin each decode step still pays for two collectives per layer (over vLLM's "
+              "shared-memory all-gather since this run; gloo before) and the Python around the plugin's hops, "
+              "which the small attention read cannot repay; the two workers also wait for each other inside the "
+              "collectives, since they share two cores with vLLM's engine core. Per-shard reads are no longer "
+              "the gap: Helix's C++ kernel reads GQA shards at vLLM's speed and the MLA path beats vLLM's "
+              "([shard_kernels_cpu.md](shard_kernels_cpu.md)). Single points on this shared 2-core VM vary by up "
+              "to 2x at 4K (see the README)."]
     lines += ["", "![TPOT against context](long_context.png)", ""]
     return "\n".join(lines) + "\n"
 

@@ -41,6 +41,8 @@ INTERNALS: tuple[str, ...] = (
     "vllm.v1.attention.ops.dcp:MLADCPManager._init_combine",
     "vllm.distributed.parallel_state:get_dcp_group",
     "vllm.distributed.parallel_state:get_dcp_world_size_and_rank",
+    "vllm.distributed.device_communicators.cpu_communicator:CpuCommunicator",
+    "vllm.distributed.device_communicators.cpu_communicator:_CPUSHMDistributed",
     "vllm.config:get_current_vllm_config",
     "vllm.config:get_current_vllm_config_or_none",
     "vllm.triton_utils.dispatcher:register_kernels",

@@ -18,6 +18,7 @@ from vllm_helix.config import HelixConfig
 from vllm_helix.striping import KVStriping
 
 from patches_free_hooks.compat import HelixStartupError, internal
+from patches_free_hooks.cpu_collectives import enable_shared_memory_all_gather
 from patches_free_hooks.engine_config import helix_from_additional_config
 
 
@@ -46,9 +47,12 @@ def log_active_once(runtime: HelixRuntime, attention: str) -> None:
     if attention in _logged:
         return
     _logged.add(attention)
+    route = "none"
+    if runtime.exchange is not None:
+        route = "shared-memory all-gather" if runtime.exchange.all_gather is not None else "all-to-all"
     _logger.info(
-        "Helix %s attention active: %s, KVP rank %d of %d, stripe %d tokens",
-        attention, runtime.config.to_cli(), runtime.kvp_rank, runtime.config.kvp, runtime.striping.stripe,
+        "Helix %s attention active: %s, KVP rank %d of %d, stripe %d tokens, exchange: %s",
+        attention, runtime.config.to_cli(), runtime.kvp_rank, runtime.config.kvp, runtime.striping.stripe, route,
     )
 
 
@@ -81,7 +85,7 @@ def helix_runtime(vllm_config: Any | None = None) -> HelixRuntime | None:
         if helix.kvp > 1:
             group = internal("vllm.distributed.parallel_state:get_dcp_group")()
             rank = group.rank_in_group
-            exchange = KVPExchange(group.device_group, helix.kvp)
+            exchange = KVPExchange(group.device_group, helix.kvp, enable_shared_memory_all_gather(group))
         runtime = HelixRuntime(helix, KVStriping(helix.kvp, stripe, block_size), rank, exchange)
     _CACHE[key] = runtime
     return runtime

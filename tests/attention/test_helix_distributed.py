@@ -3,7 +3,8 @@
 Each world runs many cases in one spawn (process start-up dominates on 2 cores):
 every (kvp, tpa) layout the issue names, GQA ratios 1/2/8 and MLA (512+64),
 float32/bf16/float64, uneven lengths 1..2000 with some shorter than kvp (empty
-shards), striping by blocks and by single tokens, and HOP-B on and off. Seeds are
+shards), striping by blocks and by single tokens, HOP-B on and off, and the
+exchange as all-to-all or as all-gather (the CPU shared-memory route). Seeds are
 fresh per run and printed.
 """
 
@@ -47,8 +48,9 @@ def _cases(seed: int, layouts: list[tuple[int, int]]) -> list[HelixCase]:
                 spec = ProblemSpec(
                     rng.randrange(2**31), _lengths(rng, kvp), heads, kv_heads, 64, mla, dtype
                 )
-                for hopb in (1, 3):
-                    cases.append(HelixCase(spec, kvp, tpa, hopb, stripe=rng.choice([None, 1, 4])))
+                stripe = rng.choice([None, 1, 4])
+                for hopb, gathered in ((1, False), (3, False), (2, True)):
+                    cases.append(HelixCase(spec, kvp, tpa, hopb, stripe, gathered))
         spec = ProblemSpec(rng.randrange(2**31), _lengths(rng, kvp), 8, 4 if tpa > 1 else 2, 32, dtype=torch.float64)
         cases.append(HelixCase(spec, kvp, tpa, hopb=2))
     return cases
@@ -71,7 +73,7 @@ def _check_world(world: int, layouts: list[tuple[int, int]], seed: int) -> None:
         assert not torch.isnan(out).any(), where
         assert _relative_error(out, ref_out) <= TOLERANCE[case.spec.dtype], where
         assert _relative_error(lse, ref_lse) <= TOLERANCE[case.spec.dtype], where
-        # HOP-B on and off: the same numbers, not merely both close to the reference
+        # HOP-B on and off, all-to-all or all-gather: the same numbers, not merely both close
         first = outputs.setdefault((case.spec, case.kvp, case.tpa, case.stripe), out)
         assert torch.equal(out, first), where
 

@@ -44,6 +44,8 @@ def _assert_same_generation(helix: dict[str, Any], off: dict[str, Any]) -> None:
 def _assert_helix_ran(run: dict[str, Any], attention: str, kvp: int) -> None:
     for rank in range(kvp):
         assert f"Helix {attention} attention active" in run["log"] and f"KVP rank {rank} of {kvp}" in run["log"]
+        # vLLM's CPU shared-memory collectives carry the query all-gather and the exchange, not gloo
+        assert "exchange: shared-memory all-gather" in run["log"]
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ Three kernels behind one call (``kernel=``, :mod:`~vllm_helix.attention.kernel_c
 ``"reference"``, written in plain torch ops for any device, accumulating in float32
 (float64 for float64 inputs): the reference every faster kernel is tested against;
 ``"native"``, the C++ decode kernel (:mod:`~vllm_helix.attention.cpu_native`), the
-CPU production path; and ``"flash"``, torch's fused CPU flash-attention kernel over
-views of the cache (:mod:`~vllm_helix.attention.cpu_flash`). ``"auto"`` (the
-default) picks native on CPU, flash where it is not built. All return the
+CPU path for GQA; and ``"flash"``, torch's fused CPU flash-attention kernel over
+views of the cache (:mod:`~vllm_helix.attention.cpu_flash`), the CPU path for MLA's
+576-dim latent, where it measured faster. ``"auto"`` (the default) picks those. All return the
 natural-log LSE that the Helix combine needs. A sequence whose shard is empty (local length 0) returns zeros and
 ``lse = -inf``, so it weighs nothing in the combine.
 
@@ -129,6 +129,10 @@ def paged_decode_mla(
             f"absorbed query dim {query.shape[-1]} != latent cache dim {latent_cache.shape[-1]}"
         )
     choice = choose_kernel(query, kernel, latent_cache.shape[-1], latent_cache.shape[-1])
+    if kernel == "auto" and choice == "native":
+        # For the 576-dim latent torch's flash kernel (AVX-512 GEMM tiles) reads contiguous runs
+        # faster than the C++ kernel's AVX2 tiles (benchmarks/results/shard_kernels_cpu.md).
+        choice = "flash"
     if choice == "native":  # the latent is the one KV head; its first kv_lora_rank dims the value
         latent = latent_cache.unsqueeze(2)
         return native_decode(query, latent, latent[..., :kv_lora_rank], block_table, seq_lens, scale)

@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from vllm_helix.attention.kernel_choice import Kernel
 from vllm_helix.attention.exchange import KVPExchange
 from vllm_helix.attention.hopb import helix_decode
+from vllm_helix.attention.kernel_choice import Kernel
 from vllm_helix.attention.paged_decode import paged_decode, paged_decode_mla
 from vllm_helix.layout import HelixGroups, HelixLayout, build_helix_groups
 from vllm_helix.striping import KVStriping
@@ -194,6 +195,7 @@ class HelixCase:
     tpa: int = 1
     hopb: int = 1
     stripe: int | None = None  # None: the block size
+    gathered: bool = False  # exchange through an all-gather (as over vLLM's CPU shared memory)
 
     @property
     def layout(self) -> HelixLayout:
@@ -218,7 +220,12 @@ def run_helix_cases(
         shard = shard_for_rank(
             make_problem(case.spec), layout, rank, case.stripe or case.spec.block_size
         )
-        exchange = KVPExchange(groups[layout].kvp_group, case.kvp)
+        kvp_group = groups[layout].kvp_group
+        all_gather = None
+        if case.gathered:
+            def all_gather(output: torch.Tensor, local: torch.Tensor, group=kvp_group) -> None:
+                dist.all_gather_into_tensor(output, local, group=group)
+        exchange = KVPExchange(kvp_group, case.kvp, all_gather)
         start = time.perf_counter()
         out, lse = helix_decode(
             shard_decoder(shard, case.spec), shard.query, shard.block_table,
