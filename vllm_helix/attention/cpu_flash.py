@@ -31,9 +31,10 @@ see nothing get zeros and ``lse = -inf`` (the kernel itself would report 0).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
-from vllm_helix.attention.merge import accumulation_dtype, merge_attention_states
+from vllm_helix.attention.merge import CPU_KERNEL_DTYPES, accumulation_dtype, merge_attention_states
 from vllm_helix.attention.paged_cache import row_groups
 
 # Query tokens per kernel call: bounds the ragged-edge mask ([chunk * group, chunk / kvp]).
@@ -42,7 +43,6 @@ DEFAULT_QUERY_CHUNK = 256
 # a kernel call per 1-3 blocks costs more than copying them.
 MIN_VIEW_BLOCKS = 4
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 PartialState = tuple[torch.Tensor, torch.Tensor]  # (out [T, H, Dv], lse [T, H])
 
@@ -54,7 +54,7 @@ def flash_supported(query: torch.Tensor, key_dim: int, value_dim: int) -> bool:
     """
     return (
         query.device.type == "cpu"
-        and query.dtype in _SUPPORTED_DTYPES
+        and query.dtype in CPU_KERNEL_DTYPES
         and key_dim == value_dim
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )

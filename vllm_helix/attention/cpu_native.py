@@ -28,10 +28,11 @@ from types import ModuleType
 import torch
 from torch.profiler import record_function
 
+from vllm_helix.attention.merge import CPU_KERNEL_DTYPES
+
 SOURCE = Path(__file__).parent / "csrc" / "shard_decode.cpp"
 # Tokens per piece of a shard (a unit of work for one thread).
 SPLIT_TOKENS = 8192
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _logger = logging.getLogger("vllm.helix")
 
 
@@ -86,7 +87,7 @@ def native_kernel() -> ModuleType | None:
 
 def native_supported(query: torch.Tensor) -> bool:
     """True when the C++ kernel is built and can run this query (CPU tensor, float dtype)."""
-    return query.device.type == "cpu" and query.dtype in DTYPES and native_kernel() is not None
+    return query.device.type == "cpu" and query.dtype in CPU_KERNEL_DTYPES and native_kernel() is not None
 
 
 def native_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -15,6 +15,10 @@ from __future__ import annotations
 import torch
 
 
+# The dtypes both CPU kernels (torch's flash kernel, the C++ decode kernel) run.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, float64 stays float64: the combine never loses precision."""
     return torch.promote_types(dtype, torch.float32)
