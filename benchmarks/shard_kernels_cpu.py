@@ -210,8 +210,9 @@ def reading(rows: list[dict], bandwidth: dict[str, float]) -> list[str]:
         "sums in its own order); Helix's kernels are tested against "
         "float64 in tests/attention/test_cpu_native.py and test_cpu_flash.py.",
         "- What the served path uses: GQA decode runs native (on par with vLLM's kernel where DRAM-bound, faster "
-        "on short shards and scattered blocks); MLA decode runs flash, faster than native on contiguous runs of "
-        "the 576-dim latent; both beat vLLM's CPU MLA decode.",
+        "on short shards and scattered blocks); MLA decode runs flash, the fastest on contiguous runs of the "
+        "576-dim latent but slower than vLLM's and native's on scattered blocks (it gathers them first); native "
+        "beats vLLM's CPU MLA decode on every row.",
     ]
 
 
