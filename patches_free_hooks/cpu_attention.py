@@ -29,9 +29,10 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 
 from vllm_helix.attention import helix_decode, paged_extend
+from vllm_helix.attention.paged_cache import append_kv
+from vllm_helix.profiling import hop
 from vllm_helix.striping import query_positions, visible_local_lengths
 
 from patches_free_hooks.compat import HelixStartupError, internal
@@ -47,10 +48,16 @@ CPUAttentionMetadataBuilder = internal(f"{_cpu_attn}:CPUAttentionMetadataBuilder
 
 @dataclasses.dataclass
 class HelixCPUAttentionMetadata(CPUAttentionMetadata):
-    """vLLM's CPU metadata plus, per query token, its request row and visible shard length."""
+    """vLLM's CPU metadata plus what every Helix layer of the step reads (built once per step).
 
-    helix_rows: torch.Tensor | None = None
+    ``helix_table``: each query token's block-table row; ``helix_visible``: the
+    shard tokens it may see; ``helix_runs``: the ``[start, end)`` token runs of
+    each request.
+    """
+
+    helix_table: torch.Tensor | None = None
     helix_visible: torch.Tensor | None = None
+    helix_runs: list[tuple[int, int]] | None = None
 
 
 class HelixCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -70,19 +77,22 @@ class HelixCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False):
         if self.helix is None or not self.helix.sharded:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
-        with record_function("helix/metadata"):
+        with hop("helix/metadata"):
             return self._build_helix(common_prefix_len, common_attn_metadata, fast_build)
 
     def _build_helix(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool):
         assert self.helix is not None
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         num_reqs = common_attn_metadata.num_reqs
-        rows, positions = query_positions(
-            common_attn_metadata.query_start_loc[: num_reqs + 1], common_attn_metadata.seq_lens[:num_reqs]
-        )
+        query_start_loc = common_attn_metadata.query_start_loc[: num_reqs + 1]
+        rows, positions = query_positions(query_start_loc, common_attn_metadata.seq_lens[:num_reqs])
         visible = visible_local_lengths(self.helix.striping, positions, self.helix.kvp_rank)
+        starts = query_start_loc.tolist()
+        starts = [start - starts[0] for start in starts]
+        runs = [(start, end) for start, end in zip(starts[:-1], starts[1:]) if end > start]
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
-        return HelixCPUAttentionMetadata(**fields, helix_rows=rows, helix_visible=visible)
+        return HelixCPUAttentionMetadata(**fields, helix_table=metadata.block_table[rows], helix_visible=visible,
+                                         helix_runs=runs)
 
 
 class HelixCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -118,20 +128,8 @@ class HelixCPUAttentionImpl(CPUAttentionBackendImpl):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if self.helix is None:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        with record_function("helix/kv_append"):
-            self._append(key, value, kv_cache, slot_mapping)
-
-    @staticmethod
-    def _append(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Write this rank's K/V rows (slots of other ranks are -1) into the ``[.., K|V]`` cache."""
-        block_size = kv_cache.shape[2]
-        slots = slot_mapping[: key.shape[0]].to(torch.int64)
-        mine = slots >= 0
-        slots = slots[mine]
-        blocks, offsets = slots // block_size, slots % block_size
-        head_dim = key.shape[-1]
-        kv_cache[blocks, :, offsets, :head_dim] = key[mine].to(kv_cache.dtype)
-        kv_cache[blocks, :, offsets, head_dim:] = value[mine].to(kv_cache.dtype)
+        with hop("helix/kv_append"):
+            append_kv(kv_cache, key, value, slot_mapping)
 
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor,
@@ -142,19 +140,23 @@ class HelixCPUAttentionImpl(CPUAttentionBackendImpl):
                                    output_scale, output_block_scale)
         num_tokens = attn_metadata.num_actual_tokens
         group = internal("vllm.distributed.parallel_state:get_dcp_group")()
-        with record_function("helix/query_all_gather"):
+        with hop("helix/query_all_gather"):
             slice_query = group.all_gather(query[:num_tokens].contiguous(), dim=1)  # [T, H/TPA, D]
         head_dim = self.head_size
         key_cache = kv_cache[..., :head_dim].transpose(1, 2)  # [blocks, block_size, kv_heads, D]
         value_cache = kv_cache[..., head_dim:].transpose(1, 2)
 
+        runs = attn_metadata.helix_runs
+
         def shard_attention(q: torch.Tensor, table: torch.Tensor, lens: torch.Tensor):
-            return paged_extend(q, key_cache, value_cache, table, lens, self.scale)
+            whole_batch = q.shape[0] == num_tokens  # HOP-B micro-batches find their own runs
+            return paged_extend(q, key_cache, value_cache, table, lens, self.scale,
+                                runs=runs if whole_batch else None)
 
         out, _ = helix_decode(
             shard_attention,
             slice_query,
-            attn_metadata.block_table[attn_metadata.helix_rows],
+            attn_metadata.helix_table,
             attn_metadata.helix_visible,
             self.helix.exchange,
             self.helix.config.hopb,

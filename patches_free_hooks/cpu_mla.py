@@ -26,9 +26,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 
 from vllm_helix.attention import helix_decode, paged_decode_mla
+from vllm_helix.profiling import hop
 
 from patches_free_hooks.compat import internal
 from patches_free_hooks.runtime import HelixRuntime, log_active_once, helix_runtime
@@ -73,7 +73,7 @@ class HelixCPUMLAImpl(CPUMLAImpl):
             q = torch.cat(q, dim=-1)
         decode = attn_metadata.decode
         total = decode.dcp_tot_seq_lens
-        with record_function("helix/metadata"):
+        with hop("helix/metadata"):
             local = self.helix.striping.local_lengths(total)[self.helix.kvp_rank]
         layer.dcp_manager.combine = _already_combined
 

@@ -30,6 +30,7 @@ see nothing get zeros and ``lse = -inf`` (the kernel itself would report 0).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -233,6 +234,7 @@ def flash_extend(
     visible_lens: torch.Tensor,
     scale: float,
     query_chunk: int = DEFAULT_QUERY_CHUNK,
+    runs: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`vllm_helix.attention.paged_extend`, on torch's CPU flash kernel.
 
@@ -249,7 +251,7 @@ def flash_extend(
     out = torch.zeros(tokens, heads, value_cache.shape[-1], dtype=query.dtype)
     lse = torch.full((tokens, heads), float("-inf"), dtype=acc)
     visible = visible_lens.to(torch.int64)
-    for start, end in row_groups(block_table):
+    for start, end in row_groups(block_table) if runs is None else runs:
         longest = int(visible[start:end].max())
         if longest == 0:
             continue

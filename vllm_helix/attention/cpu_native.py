@@ -26,9 +26,9 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch.profiler import record_function
 
 from vllm_helix.attention.merge import CPU_KERNEL_DTYPES
+from vllm_helix.profiling import hop
 
 SOURCE = Path(__file__).parent / "csrc" / "shard_decode.cpp"
 # Tokens per piece of a shard (a unit of work for one thread).
@@ -110,7 +110,7 @@ def native_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         raise ValueError(f"{query.shape[1]} query heads do not group over {key_cache.shape[2]} KV heads")
     if query.stride(-1) != 1:
         query = query.contiguous()
-    with record_function("helix/native_kernel"):  # a pybind call: invisible to the profiler without a range
+    with hop("helix/native_kernel"):  # a pybind call: invisible to the profiler without a range
         out, lse = module.shard_decode(query, key_cache, value_cache, block_table, visible_lens, float(scale),
                                        split_tokens)
     return out.to(query.dtype), lse

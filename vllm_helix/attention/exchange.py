@@ -14,7 +14,7 @@ outputs) because a bf16 LSE would cost the combine its exactness.
 Where the caller has a faster *all-gather* than the group's all-to-all (vLLM's
 shared-memory collectives on CPU: about 10 us against gloo's 0.5 ms, measured
 between two processes here), the exchange is that all-gather: every rank gathers
-all ranks' messages and keeps the blocks addressed to it. It moves ``kvp`` times
+all ranks' partials, unpacked, and reads the heads it owns. It moves ``kvp`` times
 the bytes (a few KB per step, whatever the context) and is synchronous, so
 HOP-B's overlap then has nothing to hide; payloads travel as float32 (half-type
 outputs are widened exactly; the merge accumulates in float32 anyway), float64
@@ -31,32 +31,23 @@ import torch.distributed as dist
 
 from vllm_helix.attention.merge import accumulation_dtype, merge_attention_states
 
+# () -> (outs [kvp, batch, H/N, D], lses [kvp, batch, H/N]): what every source sent this rank.
+Partials = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class PendingExchange:
-    """An all-to-all in flight; :meth:`wait` completes it and combines exactly."""
+    """An exchange in flight; :meth:`wait` completes it and combines exactly."""
 
     work: dist.Work | None
-    received: torch.Tensor  # [kvp, bytes]: per-source packed (lse, out)
-    batch: int
-    heads: int
-    head_dim: int
-    out_dtype: torch.dtype
-    lse_dtype: torch.dtype
+    partials: Partials  # read once ``work`` is done
     result_dtype: torch.dtype  # the dtype of the outputs handed in (the payload may be wider)
 
     def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out [batch, heads, head_dim], lse [batch, heads])`` for this rank's heads."""
         if self.work is not None:
             self.work.wait()
-        sources = self.received.shape[0]
-        lse_bytes = self.batch * self.heads * self.lse_dtype.itemsize
-        lses = self.received[:, :lse_bytes].contiguous().view(self.lse_dtype)
-        outs = self.received[:, lse_bytes:].contiguous().view(self.out_dtype)
-        out, lse = merge_attention_states(
-            outs.view(sources, self.batch, self.heads, self.head_dim),
-            lses.view(sources, self.batch, self.heads),
-        )
+        out, lse = merge_attention_states(*self.partials())
         return out.to(self.result_dtype), lse
 
 
@@ -84,11 +75,9 @@ class KVPExchange:
         batch, heads, head_dim = out.shape
         if heads % self.kvp:
             raise ValueError(f"{heads} heads per TPA slice do not split over kvp={self.kvp}")
+        if self.all_gather is not None and out.dtype != torch.float64:
+            return self._start_gathered(out, lse)
         per_rank = heads // self.kvp
-        gathered = self.all_gather is not None and out.dtype != torch.float64
-        result_dtype = out.dtype
-        if gathered:
-            out = out.float()
         lse_dtype = accumulation_dtype(out.dtype)
         # [kvp, batch, H/N, ...]: the block destined for each peer, contiguous.
         out_blocks = out.reshape(batch, self.kvp, per_rank, head_dim).transpose(0, 1)
@@ -102,23 +91,34 @@ class KVPExchange:
         )
         if self.kvp == 1:
             work, received = None, send
-        elif gathered:
-            assert self.all_gather is not None
-            words = send.view(torch.float32).view(-1)
-            everything = torch.empty(self.kvp * words.numel(), dtype=torch.float32)
-            self.all_gather(everything, words)
-            # [source, destination, message]: keep what every source addressed to this rank
-            work, received = None, everything.view(self.kvp, self.kvp, -1)[:, self.rank].view(torch.uint8)
         else:
             received = torch.empty_like(send)
             work = dist.all_to_all_single(received, send, group=self.group, async_op=True)
-        return PendingExchange(
-            work=work,
-            received=received,
-            batch=batch,
-            heads=per_rank,
-            head_dim=head_dim,
-            out_dtype=out.dtype,
-            lse_dtype=lse_dtype,
-            result_dtype=result_dtype,
-        )
+        lse_bytes = batch * per_rank * lse_dtype.itemsize
+
+        def partials() -> tuple[torch.Tensor, torch.Tensor]:
+            lses = received[:, :lse_bytes].contiguous().view(lse_dtype)
+            outs = received[:, lse_bytes:].contiguous().view(out.dtype)
+            return (outs.view(self.kvp, batch, per_rank, head_dim), lses.view(self.kvp, batch, per_rank))
+
+        return PendingExchange(work=work, partials=partials, result_dtype=out.dtype)
+
+    def _start_gathered(self, out: torch.Tensor, lse: torch.Tensor) -> PendingExchange:
+        """Every rank gathers every rank's whole ``[lse | out]`` (float32) and keeps its own heads.
+
+        Gathering the partials as they are (no per-destination packing) leaves two
+        copies per step: the message and the gather; the receiver reads its heads
+        through strided views.
+        """
+        assert self.all_gather is not None
+        batch, heads, head_dim = out.shape
+        per_rank = heads // self.kvp
+        send = torch.cat([lse.reshape(-1).float(), out.reshape(-1).float()])
+        everything = torch.empty(self.kvp * send.numel(), dtype=torch.float32)
+        self.all_gather(everything, send)
+        sources = everything.view(self.kvp, -1)
+        lse_words = batch * heads
+        # [source, batch, destination, H/N(, D)] -> this rank's column of heads
+        lses = sources[:, :lse_words].view(self.kvp, batch, self.kvp, per_rank)[:, :, self.rank]
+        outs = sources[:, lse_words:].view(self.kvp, batch, self.kvp, per_rank, head_dim)[:, :, self.rank]
+        return PendingExchange(work=None, partials=lambda: (outs, lses), result_dtype=out.dtype)

@@ -7,8 +7,9 @@ is done, so communication hides behind the next micro-batch's compute; the
 combine of micro-batch i runs once micro-batch i+1's exchange is in flight.
 Requests are independent, so the result is the same as without overlap.
 
-Each hop runs inside a ``helix/...`` profiler range (a few microseconds when no
-profiler is active), which ``benchmarks/decode_step_profile.py`` reads.
+Each hop runs inside a ``helix/...`` profiler range
+(:func:`vllm_helix.profiling.hop`: opened only while a profiler records), which
+``benchmarks/decode_step_profile.py`` reads.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.profiler import record_function
 
 from vllm_helix.attention.exchange import KVPExchange, PendingExchange
+from vllm_helix.profiling import hop
 
 # (query, block_table, seq_lens) -> (partial out, lse) over this rank's KV shard
 ShardDecode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -60,18 +61,18 @@ def helix_decode(
     finished: list[tuple[torch.Tensor, torch.Tensor]] = []
     in_flight: PendingExchange | None = None
     for start, end in micro_batch_bounds(query.shape[0], hopb):
-        with record_function("helix/shard_attention"):
+        with hop("helix/shard_attention"):
             out, lse = decode(query[start:end], block_table[start:end], seq_lens[start:end])
-        with record_function("helix/exchange_launch"):
+        with hop("helix/exchange_launch"):
             launched = exchange.start(out, lse)
         if in_flight is not None:  # had this micro-batch's compute time to finish
-            with record_function("helix/exchange_wait_merge"):
+            with hop("helix/exchange_wait_merge"):
                 finished.append(in_flight.wait())
         in_flight = launched
     if in_flight is None:  # empty batch
         heads = query.shape[1] // exchange.kvp
         empty = decode(query, block_table, seq_lens)
         return empty[0][:, :heads], empty[1][:, :heads]
-    with record_function("helix/exchange_wait_merge"):
+    with hop("helix/exchange_wait_merge"):
         finished.append(in_flight.wait())
     return torch.cat([o for o, _ in finished]), torch.cat([l for _, l in finished])

@@ -36,6 +36,10 @@ def merge_attention_states(
     Returns:
         ``(out [T, H, D], lse [T, H])`` in the dtypes of ``outputs`` and ``lses``,
         accumulated in float32 (float64 for float64 inputs).
+
+    A decode step calls this once per layer for a handful of rows, so it is
+    written as few elementwise operations as the formula allows (no ``einsum``,
+    no masks: empty rows come out right from ``log(0)`` and a clamped divisor).
     """
     if outputs.dim() != 4 or lses.shape != outputs.shape[:3]:
         raise ValueError(
@@ -44,15 +48,14 @@ def merge_attention_states(
         )
     acc = accumulation_dtype(torch.promote_types(outputs.dtype, lses.dtype))
     lse = lses.to(acc)
-    row_max = lse.amax(dim=0)
-    # An all-empty row has max -inf; shift by 0 there so weights are exp(-inf) = 0.
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(lse - shift)
+    # An all-empty row has max -inf; shift by 0 there so its weights are exp(-inf) = 0.
+    shift = lse.amax(dim=0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    weights = (lse - shift).exp_()
+    # >= 1 where any shard is non-empty (the largest weight is exp(0)), 0 where all are.
     total = weights.sum(dim=0)
-    nonempty = total > 0
-    merged = torch.einsum("sth,sthd->thd", weights, outputs.to(acc))
-    merged = merged / torch.where(nonempty, total, torch.ones_like(total))[..., None]
-    merged_lse = torch.where(
-        nonempty, shift + torch.log(total), torch.full_like(total, float("-inf"))
-    )
+    merged = (weights.unsqueeze(-1) * outputs.to(acc)).sum(dim=0)
+    # Dividing by max(total, tiny) leaves non-empty rows alone and keeps an empty row's 0 (not 0/0).
+    merged = merged.div_(total.clamp_min(torch.finfo(acc).tiny).unsqueeze(-1))
+    # log(0) = -inf for an empty row (its shift is 0): no special case needed.
+    merged_lse = total.log_().add_(shift)
     return merged.to(outputs.dtype), merged_lse.to(lses.dtype)

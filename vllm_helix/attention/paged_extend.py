@@ -16,6 +16,8 @@ reads the shard once for all of a chunk's tokens; the plain-torch reference stay
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vllm_helix.attention.cpu_flash import DEFAULT_QUERY_CHUNK, flash_extend, flash_supported
@@ -39,6 +41,7 @@ def paged_extend(
     scale: float,
     query_chunk: int = DEFAULT_QUERY_CHUNK,
     kernel: Kernel = "auto",
+    runs: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query token over the first ``visible_lens[t]`` tokens of its shard.
 
@@ -51,6 +54,9 @@ def paged_extend(
         scale: softmax scale.
         query_chunk: query tokens per score block (bounds the temporaries).
         kernel: ``"auto"``, ``"native"``, ``"flash"`` (CPU) or ``"reference"``.
+        runs: the ``[start, end)`` runs of tokens that share a sequence, where the
+            caller knows them (vLLM's ``query_start_loc``: once per step, not per
+            layer); found by comparing ``block_table`` rows otherwise.
 
     Returns:
         ``(out [tokens, num_heads, head_dim_v]`` in the query's dtype,
@@ -58,19 +64,19 @@ def paged_extend(
     """
     choice = choose_kernel(query, kernel, key_cache.shape[-1], value_cache.shape[-1])
     if choice == "flash":
-        return flash_extend(query, key_cache, value_cache, block_table, visible_lens, scale, query_chunk)
+        return flash_extend(query, key_cache, value_cache, block_table, visible_lens, scale, query_chunk, runs)
     if choice == "native":
         if kernel == "native" or not flash_supported(query, key_cache.shape[-1], value_cache.shape[-1]):
             return native_decode(query, key_cache, value_cache, block_table, visible_lens, scale)
         return _decode_native_prefill_flash(query, key_cache, value_cache, block_table, visible_lens, scale,
-                                            query_chunk)
+                                            query_chunk, row_groups(block_table) if runs is None else runs)
     tokens, num_heads, _ = query.shape
     acc = accumulation_dtype(query.dtype)
     head_dim_v = value_cache.shape[-1]
     out = torch.zeros(tokens, num_heads, head_dim_v, dtype=acc, device=query.device)
     lse = torch.full((tokens, num_heads), float("-inf"), dtype=acc, device=query.device)
     visible = visible_lens.to(torch.int64)
-    for start, end in row_groups(block_table):
+    for start, end in row_groups(block_table) if runs is None else runs:
         longest = int(visible[start:end].max())
         if longest == 0:
             continue
@@ -103,9 +109,10 @@ def _decode_native_prefill_flash(
     visible_lens: torch.Tensor,
     scale: float,
     query_chunk: int,
+    runs: Sequence[tuple[int, int]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode tokens on the C++ kernel, prefill chunks (> ``NATIVE_MAX_ROW_TOKENS`` tokens) on flash."""
-    chunks = [(start, end) for start, end in row_groups(block_table) if end - start > NATIVE_MAX_ROW_TOKENS]
+    chunks = [(start, end) for start, end in runs if end - start > NATIVE_MAX_ROW_TOKENS]
     if not chunks:
         return native_decode(query, key_cache, value_cache, block_table, visible_lens, scale)
     tokens, heads, _ = query.shape
@@ -116,7 +123,7 @@ def _decode_native_prefill_flash(
         in_chunk[start:end] = True
         out[start:end], lse[start:end] = flash_extend(query[start:end], key_cache, value_cache,
                                                       block_table[start:end], visible_lens[start:end], scale,
-                                                      query_chunk)
+                                                      query_chunk, [(0, end - start)])
     decode = (~in_chunk).nonzero().flatten()
     if decode.numel():
         out[decode], lse[decode] = native_decode(query[decode], key_cache, value_cache, block_table[decode],

@@ -17,6 +17,9 @@
 // MLA's latent (the same cache as key, its first kv_lora_rank dims as value).
 // Accumulation is float32 (float64 for float64 inputs). A token's shard is cut
 // into fixed-size pieces (work for several threads), merged exactly in order.
+//
+// append_kv (at the end) writes a step's K/V rows into the plugin's [.., K|V]
+// GQA cache: one call instead of a dozen small torch operations per layer.
 
 #include <torch/extension.h>
 
@@ -26,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -395,10 +399,49 @@ std::tuple<at::Tensor, at::Tensor> shard_decode(const at::Tensor& query, const a
   return {out, lse};
 }
 
+// Writes each token's K and V rows at its slot of a [blocks, kv_heads, block_size, Dk + Dv] cache
+// (K in the first Dk, V in the last Dv of a row); a slot < 0 is a token another KVP rank stores.
+// One call per layer replaces the ten-odd torch operations (mask, divide, index, two index_puts)
+// that cost more than the write itself at decode.
+void append_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& cache, const at::Tensor& slots) {
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3 && cache.dim() == 4,
+              "key/value must be [tokens, kv_heads, dim] and the cache [blocks, kv_heads, block_size, Dk + Dv]");
+  TORCH_CHECK(key.scalar_type() == cache.scalar_type() && value.scalar_type() == cache.scalar_type(),
+              "key, value and cache must share a dtype");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && cache.stride(3) == 1,
+              "the last dim of key, value and cache must be contiguous");
+  const int64_t tokens = key.size(0), kv_heads = key.size(1), dk = key.size(2), dv = value.size(2);
+  TORCH_CHECK(value.size(0) == tokens && value.size(1) == kv_heads && cache.size(1) == kv_heads,
+              "key, value and cache differ in tokens or KV heads");
+  TORCH_CHECK(cache.size(3) == dk + dv, "cache rows must hold K then V (Dk + Dv)");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) >= tokens, "slots must be [>= tokens]");
+  const at::Tensor slot = slots.slice(0, 0, tokens).to(at::kLong).contiguous();
+  const int64_t* slot_ptr = slot.data_ptr<int64_t>();
+  const int64_t blocks = cache.size(0), block_size = cache.size(2);
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slot_ptr[t] < blocks * block_size, "slot ", slot_ptr[t], " is past the cache's ", blocks * block_size);
+  }
+  const size_t item = cache.element_size();
+  const auto* key_bytes = static_cast<const char*>(key.data_ptr());
+  const auto* value_bytes = static_cast<const char*>(value.data_ptr());
+  auto* cache_bytes = static_cast<char*>(cache.data_ptr());
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slot_ptr[t] < 0) continue;
+    const int64_t block = slot_ptr[t] / block_size, offset = slot_ptr[t] % block_size;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      char* row = cache_bytes + (block * cache.stride(0) + h * cache.stride(1) + offset * cache.stride(2)) * item;
+      std::memcpy(row, key_bytes + (t * key.stride(0) + h * key.stride(1)) * item, dk * item);
+      std::memcpy(row + dk * item, value_bytes + (t * value.stride(0) + h * value.stride(1)) * item, dv * item);
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shard_decode", &shard_decode,
         "Per-shard paged decode attention with LSE (query, key_cache, value_cache, block_table, visible, scale, "
         "split_tokens) -> (out, lse)");
+  m.def("append_kv", &append_kv,
+        "Write K|V rows at their slots, skipping slots < 0 (key, value, cache, slots) -> None");
 }
