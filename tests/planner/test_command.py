@@ -86,6 +86,49 @@ def test_single_helix_layout(capsys: pytest.CaptureFixture[str]) -> None:
     assert best["layout"]["kvp"] == 8 and best["layout"]["tpa"] == 8 and best["gpus"] == 64
 
 
+def test_no_point_vllm_would_refuse_to_start(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every ranked point fits in vLLM's --gpu-memory-utilization share; its command says what it assumed."""
+    for utilization in ("0.9", "0.95"):
+        code, out, _ = _plan(capsys, "--model", "llama-3.1-70b", "--hardware", "h100-sxm", "--context", "128K",
+                             "--gpu-memory-utilization", utilization, "--top", "50", "--json")
+        assert code == 0
+        plan = json.loads(out)
+        assert all(p["memory_per_gpu_gb"] <= 80 * float(utilization) for p in plan["ranked"])
+        flag = f"--gpu-memory-utilization {utilization}"
+        assert (flag in plan["best"]["command"]) == (utilization != "0.9")
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--context", "512",
+                         "--batch", "2048", "--json")
+    assert code == 0 and json.loads(out)["best"]["command"].endswith(" --max-num-seqs 2048")
+
+
+def test_default_latency_budget_is_stated_and_falls_back_out_loud(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--context", "32K")
+    assert code == 0 and "TTL budget 50 ms" in out and "warning" not in out
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--context", "32K",
+                         "--ttl-ms", "fastest", "--json")
+    assert code == 0 and json.loads(out)["ttl_budget_ms"] is None
+    code, out, _ = _plan(capsys, "--model", "tiny-llama", "--hardware", "cpu-2core", "--context", "32K",
+                         "--batch", "64", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["ttl_budget_ms"] is None and plan["best"]["ttl_ms"] > 50
+    assert plan["warnings"] == [f"no layout meets the default 50 ms budget; the fastest layout is shown "
+                                f"({plan['best']['ttl_ms']:.3g} ms); pass --ttl-ms to set a budget"]
+
+
+def test_a_context_past_the_models_positions_is_priced_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--context", "256K",
+                         "--json")
+    assert code == 0
+    assert json.loads(out)["warnings"] == [
+        "context 262,144 exceeds llama-3.1-8b's max_position_embeddings 131,072: vLLM refuses --max-model-len "
+        "262144 unless the model's rope scaling allows it or VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 is set (at the "
+        "model's own risk); priced anyway"]
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--context", "128K")
+    assert code == 0 and "warning" not in out
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--context", "256K")
+    assert code == 0 and "  warning: context 262,144 exceeds llama-3.1-8b's max_position_embeddings" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope"], "model 'nope' not found"),
     (["--model", "llama-3.1-405b", "--helix", "kvp=4,tpa=16"], "tpa=16 exceeds the model's 8 KV heads"),
@@ -95,9 +138,11 @@ def test_single_helix_layout(capsys: pytest.CaptureFixture[str]) -> None:
     (["--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--ttl-ms", "0.01"], "no layout reaches TTL"),
     (["--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--gpus", "0"], "GPU range 1..0 is empty"),
     (["--model", "llama-3.1-8b", "--context", "1 token"], "cannot read token count"),
-    (["--model", "llama-3.1-8b", "--isl", "1K"], "needs all of --isl, --osl, --rate and --ttl-ms"),
+    (["--model", "llama-3.1-8b", "--isl", "1K"], "needs all of --isl, --osl and --rate, and a latency budget"),
+    (["--model", "llama-3.1-8b", "--ttl-ms", "soon"], "--ttl-ms 'soon' must be a number of milliseconds or"),
     (["--model", "llama-3.1-405b", "--helix", "kvp=8,tpa=8", "--gpus", "8"], "needs 64 GPUs but --gpus is 8"),
     (["--model", "llama-3.1-8b", "--batch", "1,x"], "must be comma-separated integers"),
+    (["--model", "llama-3.1-8b", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization 1.5 must be in"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(capsys: pytest.CaptureFixture[str], args: list[str],
                                                message: str) -> None:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from vllm_helix.planner.collectives import GroupPlacement, all_reduce_time, exchange_time, place_group
-from vllm_helix.planner.cost import TERMS, Workload, max_sequences, memory_per_gpu, pipelined_time, roofline, step_cost
+from vllm_helix.planner.cost import (TERMS, Workload, max_sequences, memory_per_gpu, pipelined_time, roofline,
+                                     scheduler_defaults, step_cost, workspace_bytes)
+from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import load_hardware
 from vllm_helix.planner.layouts import Layout, layouts_for
 from vllm_helix.planner.loads import OpLoad, experts_read
@@ -16,7 +18,7 @@ from vllm_helix.planner.model_spec import ModelSpec, load_model
 from vllm_helix.planner.precision import Precision
 
 BF16 = Precision.uniform("bf16")
-FP4 = Precision.uniform("fp4")
+FP4 = Precision.uniform("mxfp4")
 
 
 def _terms_ms(cost, i: int = 0) -> dict[str, float]:
@@ -127,23 +129,43 @@ def test_collectives_by_hand(toy_gpu) -> None:
     assert exchange_time(100.0, GroupPlacement(3, 1, 1), toy_gpu) == pytest.approx(5e-6 + 100 / 1e10)
 
 
-def test_memory_per_gpu_by_hand(toy_model: ModelSpec) -> None:
+def test_memory_per_gpu_by_hand(toy_model: ModelSpec, toy_gpu) -> None:
     # attention 4,194,304 + FFN 12,582,912 + embedding and LM head 2 x 1,024,000 = 18,825,216 params x 2 B
-    # plus 4,096,000 B of KV per sequence
+    # plus 4,096,000 B of KV per sequence; vLLM's workspace on an 80 GB (74.5 GiB) GPU: 8192 tokens x
+    # (2 x 1024 residual + 3 x 4096 FFN) x 2 B = 234,881,024 B; plus the 2 GB runtime reserve
     layout = Layout("tp", tpa=1, tpf=1)
-    memory = memory_per_gpu(toy_model, layout, Workload(1000, BF16), np.array([0.0, 1.0, 3.0]))
-    assert list(memory) == pytest.approx([37_650_432, 41_746_432, 49_938_432])
+    memory = memory_per_gpu(toy_model, layout, Workload(1000, BF16), np.array([0.0, 1.0, 3.0]), toy_gpu)
+    assert list(memory) == pytest.approx([x + 234_881_024 + 2e9 for x in (37_650_432, 41_746_432, 49_938_432)])
+
+
+def test_workspace_follows_vllms_scheduler_defaults(toy_model: ModelSpec, make_toy_gpu) -> None:
+    layout = Layout("tp", tpa=1, tpf=1)
+    per_token = (2 * 1024 + 3 * 4096) * 2
+    big, h100, small = (make_toy_gpu(memory={"capacity_gb": gb}) for gb in (192, 80, 40))
+    assert scheduler_defaults(big) == (16384, 1024) and scheduler_defaults(small) == (2048, 256)
+    assert workspace_bytes(toy_model, layout, big, np.array([1.0]))[0] == 16384 * per_token
+    assert workspace_bytes(toy_model, layout, small, np.array([1.0]))[0] == 2048 * per_token
+    # a batch past max_num_batched_tokens needs that many tokens of workspace
+    assert workspace_bytes(toy_model, layout, h100, np.array([20000.0]))[0] == 20000 * per_token
 
 
 def test_capacity_edges(toy_model: ModelSpec, make_toy_gpu) -> None:
     toy_hardware = make_toy_gpu
-    layout, work = Layout("tp", tpa=1, tpf=1), Workload(1000, BF16)
-    exact = toy_hardware(memory={"capacity_gb": 41_746_432 / 1e9})  # weights + exactly one sequence
+    layout, work = Layout("tp", tpa=1, tpf=1), Workload(1000, BF16, memory_utilization=1.0)
+    workspace = 2048 * (2 * 1024 + 3 * 4096) * 2  # a GPU under 70 GiB: vLLM's 2048-token profile run
+    one_sequence = 41_746_432 + workspace  # weights + workspace + exactly one sequence, no reserve
+    exact = toy_hardware(memory={"capacity_gb": one_sequence / 1e9, "runtime_reserve_gb": 0})
     assert step_cost(toy_model, exact, layout, work, [1, 2]).feasible.tolist() == [True, False]
     assert max_sequences(toy_model, exact, layout, work) == 1
-    short = toy_hardware(memory={"capacity_gb": (41_746_432 - 1) / 1e9})
+    short = toy_hardware(memory={"capacity_gb": (one_sequence - 1) / 1e9, "runtime_reserve_gb": 0})
     assert not step_cost(toy_model, short, layout, work, [1]).feasible[0]
     assert max_sequences(toy_model, short, layout, work) == 0
+    # vLLM's default --gpu-memory-utilization 0.9 leaves a tenth of the memory alone
+    roomy = toy_hardware(memory={"capacity_gb": one_sequence / 0.9 / 1e9, "runtime_reserve_gb": 0})
+    assert max_sequences(toy_model, roomy, layout, Workload(1000, BF16)) == 1
+    assert max_sequences(toy_model, roomy, layout, work) > 1
+    with pytest.raises(PlannerError, match=r"--gpu-memory-utilization 1.2 must be in \(0, 1\]"):
+        Workload(1000, BF16, memory_utilization=1.2)
     tiny = toy_hardware(memory={"capacity_gb": 1e-3})  # not even the weights
     assert max_sequences(toy_model, tiny, layout, work) == 0
 

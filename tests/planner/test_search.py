@@ -19,7 +19,7 @@ from vllm_helix.planner.precision import Precision
 from vllm_helix.planner.recommend import best_points, recommend
 from vllm_helix.planner.search import default_batches, search
 
-FP4 = Precision.uniform("fp4")
+FP4 = Precision.uniform("mxfp4")
 BASELINE_FAMILIES = tuple(STRATEGY_LABELS[s] for s in BASELINES)
 
 

@@ -118,7 +118,9 @@ def test_missing_field_is_named(tmp_path: Path) -> None:
 
 
 def test_precisions() -> None:
-    assert bytes_per_element("fp4") == 4.25 / 8  # MXFP4: 4 bits + one 8-bit scale per 32
+    assert bytes_per_element("fp4") == 0.5  # nominal, as the paper prices FP4
+    assert bytes_per_element("mxfp4") == 4.25 / 8  # 4 bits + one 8-bit scale per 32
+    assert bytes_per_element("NVFP4") == 4.5 / 8  # 4 bits + one 8-bit scale per 16
     assert bytes_per_element("bfloat16") == 2.0
     assert Precision.uniform("fp8").kv_bytes == 1.0
     with pytest.raises(PlannerError, match="unknown number format 'int3'"):
@@ -137,6 +139,9 @@ def test_hardware_presets_and_inheritance() -> None:
     assert measured.memory_bandwidth == 3000e9 and measured.memory_capacity == base.memory_capacity
     with pytest.raises(PlannerError, match="no fp4 FLOP rate"):
         base.flop_rate("fp4")
+    with pytest.raises(PlannerError, match="no fp4 FLOP rate"):
+        base.flop_rate("mxfp4")
+    assert gb200.flop_rate("mxfp4") == gb200.flop_rate("nvfp4") == gb200.flop_rate("fp4")
     with pytest.raises(PlannerError, match="hardware 'tpu9' not found; known presets"):
         load_hardware("tpu9")
 

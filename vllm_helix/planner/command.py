@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 HELP = "pick the Helix (or baseline) decode layout for a model, GPUs, context and TTL budget"
 
 _SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+# The default latency budget: 20 tokens/s per user, faster than people read, the interactive
+# end of the paper's Pareto plots; throughput is then maximised within it.
+DEFAULT_TTL_MS = 50.0
 
 
 def parse_tokens(text: str) -> int:
@@ -54,8 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", default="128K", help="KV history per sequence, e.g. 32768, 128K, 1M")
     parser.add_argument("--gpus", type=int, default=None,
                         help="GPU budget N: layouts on 1..N GPUs (default: one scale-up domain)")
-    parser.add_argument("--ttl-ms", type=float, default=None,
-                        help="token-to-token latency budget; without it the fastest layout is chosen")
+    parser.add_argument("--ttl-ms", default=None,
+                        help=f"token-to-token latency budget in ms, or 'fastest' for the lowest-latency layout "
+                             f"(default {DEFAULT_TTL_MS:g} ms, {1e3 / DEFAULT_TTL_MS:g} tokens/s per user; where no "
+                             f"layout meets the default, the fastest is shown and the plan says so)")
     parser.add_argument("--batch", default=None,
                         help="batch sizes to price, e.g. 1,8,64 (default: 1..65536, 4 per octave)")
     parser.add_argument("--strategies", default="tp,tp_pp,dp_ep,kvp,helix",
@@ -67,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{part}-dtype", default=None,
                             help=f"{part} format: fp4, fp8, bf16, fp32 (default: the checkpoint's format)")
     parser.add_argument("--act-dtype", default="bf16", help="activations on the wire (default bf16)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of each GPU's memory vLLM may use, as vLLM's own flag (default 0.9); "
+                             "weights, activation workspace, a runtime reserve and the KV cache must fit in it")
     parser.add_argument("--top", type=int, default=10, help="rows of the ranked table")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw the Pareto frontiers to this file")
@@ -106,6 +114,7 @@ class Plan:
     per_family: dict[str, "PlanPoint"]
     disaggregation: "DisaggregationPlan | None"
     seconds: float
+    warnings: tuple[str, ...] = ()
 
     @property
     def model_ref(self) -> str:
@@ -120,7 +129,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     from vllm_helix.planner.disagg import TrafficMix, plan_disaggregation
     from vllm_helix.planner.errors import PlannerError
     from vllm_helix.planner.hardware_spec import load_hardware
-    from vllm_helix.planner.model_spec import load_model
+    from vllm_helix.planner.model_spec import context_warning, load_model
     from vllm_helix.planner.precision import Precision
     from vllm_helix.planner.recommend import best_per_family, best_points, recommend
     from vllm_helix.planner.search import search
@@ -131,10 +140,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     weights = args.weight_dtype or model.dtype
     precision = Precision(weights, args.kv_dtype or weights, args.compute_dtype or weights, args.act_dtype)
     hardware.flop_rate(precision.compute)  # fail early on e.g. fp4 on H100
-    work = Workload(parse_tokens(args.context), precision)
-    ttl_budget = None if args.ttl_ms is None else args.ttl_ms / 1e3
-    if ttl_budget is not None and ttl_budget <= 0:
-        raise PlannerError(f"--ttl-ms must be positive, got {args.ttl_ms}")
+    work = Workload(parse_tokens(args.context), precision, memory_utilization=args.gpu_memory_utilization)
+    warnings = [w for w in (context_warning(model, work.context),) if w]
+    ttl_budget = _ttl_budget(args.ttl_ms)
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     batches = None
     if args.batch:
@@ -151,15 +159,44 @@ def make_plan(args: argparse.Namespace) -> Plan:
         result = search(model, hardware, work, layout.gpus, batches, layouts=[layout])
     else:
         result = search(model, hardware, work, gpus, batches, strategies)
-    best, ranked = recommend(result, ttl_budget)
+    try:
+        best, ranked = recommend(result, ttl_budget)
+    except PlannerError:
+        if args.ttl_ms is not None:
+            raise
+        fastest = recommend(result, None)[0]
+        warnings.append(f"no layout meets the default {DEFAULT_TTL_MS:g} ms budget; the fastest layout is shown "
+                        f"({fastest.ttl * 1e3:.3g} ms); pass --ttl-ms to set a budget")
+        ttl_budget = None
+        best, ranked = recommend(result, ttl_budget)
     disaggregation = None
     if args.isl or args.osl or args.rate:
         if not (args.isl and args.osl and args.rate and ttl_budget):
-            raise PlannerError("disaggregation needs all of --isl, --osl, --rate and --ttl-ms")
+            raise PlannerError("disaggregation needs all of --isl, --osl and --rate, and a latency budget "
+                               "(--ttl-ms, not 'fastest'; none of the layouts meets the default)")
         mix = TrafficMix(parse_tokens(args.isl), parse_tokens(args.osl), args.rate)
-        disaggregation = plan_disaggregation(model, hardware, precision, mix, ttl_budget, gpus, strategies, batches)
+        disaggregation = plan_disaggregation(model, hardware, precision, mix, ttl_budget, gpus, strategies, batches,
+                                             args.gpu_memory_utilization)
     return Plan(model, hardware, gpus, ttl_budget, result, best, ranked,
-                best_per_family(best_points(result, ttl_budget)), disaggregation, time.perf_counter() - started)
+                best_per_family(best_points(result, ttl_budget)), disaggregation, time.perf_counter() - started,
+                tuple(warnings))
+
+
+def _ttl_budget(text: str | None) -> float | None:
+    """Seconds from ``--ttl-ms`` (``None``: no budget, i.e. 'fastest'); the default when not given."""
+    from vllm_helix.planner.errors import PlannerError
+
+    if text is None:
+        return DEFAULT_TTL_MS / 1e3
+    if str(text).strip().lower() == "fastest":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise PlannerError(f"--ttl-ms {text!r} must be a number of milliseconds or 'fastest'") from None
+    if not value > 0:
+        raise PlannerError(f"--ttl-ms must be positive, got {text}")
+    return value / 1e3
 
 
 def _helix_layout(spec: str, model: "ModelSpec") -> Any:
@@ -180,8 +217,9 @@ def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     work = plan.result.workload
     payload: dict[str, Any] = {
         "model": plan.model.name, "hardware": plan.hardware.name, "context": work.context, "gpus": plan.gpus,
-        "precision": work.precision.__dict__, "ttl_budget_ms": args.ttl_ms,
-        "points_priced": plan.result.num_points, "seconds": plan.seconds,
+        "precision": work.precision.__dict__,
+        "ttl_budget_ms": None if plan.ttl_budget is None else plan.ttl_budget * 1e3,
+        "points_priced": plan.result.num_points, "seconds": plan.seconds, "warnings": list(plan.warnings),
         "best": {**plan.best.as_dict(ref), "tokens_per_joule": energy_of(plan.best, plan.hardware).tokens_per_joule,
                  "replicas": plan.gpus // plan.best.layout.gpus},
         "best_per_strategy": {family: p.as_dict(ref) for family, p in plan.per_family.items()},
@@ -218,6 +256,8 @@ def _terms_text(terms: dict[str, float]) -> str:
 
 
 def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
+    from vllm_helix.planner.cost import memory_budget
+    from vllm_helix.planner.search import MAX_INSTANCE_GPUS
     from vllm_helix.planner.energy import energy_of
 
     best, work = plan.best, plan.result.workload
@@ -225,10 +265,14 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
     lines = [
         f"vllm-helix plan: {plan.model.describe()}",
         f"  on {plan.hardware.describe()}",
-        f"  context {work.context:,} tokens; {work.precision.describe()}; layouts on 1..{plan.gpus} GPUs; "
+        f"  context {work.context:,} tokens; {work.precision.describe()}; layouts on "
+        f"1..{min(plan.gpus, MAX_INSTANCE_GPUS)} GPUs"
+        + (f" (the largest instance priced; replicas fill {plan.gpus})" if plan.gpus > MAX_INSTANCE_GPUS else "")
+        + "; "
         f"TTL budget " + (f"{budget * 1e3:g} ms" if budget else "none (fastest layout)"),
         f"  priced {len(plan.result.costs)} layouts x {len(plan.result.batches)} batch sizes = "
         f"{plan.result.num_points:,} points in {plan.seconds:.2f} s",
+        *(f"  warning: {warning}" for warning in plan.warnings),
         "",
     ]
     order = sorted(plan.per_family.values(),
@@ -244,7 +288,9 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
         f"{best.tokens_per_s_per_gpu:.2f} tokens/s/GPU; "
         f"{energy_of(best, plan.hardware).tokens_per_joule:.4f} tokens/J at TDP",
         f"  per token (ms): {_terms_text(best.terms)}",
-        f"  memory per GPU: {best.memory_per_gpu / 1e9:.1f} of {plan.hardware.memory_capacity / 1e9:.0f} GB",
+        f"  memory per GPU: {best.memory_per_gpu / 1e9:.1f} of the {memory_budget(plan.hardware, work) / 1e9:.1f} GB "
+        f"vLLM may use ({work.memory_utilization:g} of {plan.hardware.memory_capacity / 1e9:.0f} GB; weights, KV, "
+        f"activation workspace and a {plan.hardware.runtime_reserve / 1e9:g} GB runtime reserve)",
         f"  serve: {best.command(plan.model_ref)}",
     ]
     d = plan.disaggregation

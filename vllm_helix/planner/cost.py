@@ -32,11 +32,14 @@ import numpy as np
 
 from vllm_helix.planner import loads
 from vllm_helix.planner.collectives import GroupPlacement, all_reduce_time, exchange_time, place_group
+from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
 from vllm_helix.planner.layouts import Layout
 from vllm_helix.planner.loads import OpLoad
 from vllm_helix.planner.model_spec import ModelSpec
 from vllm_helix.planner.precision import Precision
+
+DEFAULT_MEMORY_UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization
 
 # The breakdown of a step, in seconds; the terms sum to the TTL.
 TERMS: tuple[str, ...] = (
@@ -66,6 +69,12 @@ class Workload:
     precision: Precision
     prompt_tokens_per_decode_token: float = 0.0
     prompt_length: int = 0
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION  # vLLM's --gpu-memory-utilization
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.memory_utilization <= 1.0:
+            raise PlannerError(f"--gpu-memory-utilization {self.memory_utilization:g} must be in (0, 1], "
+                               f"the fraction of each GPU's memory vLLM may use (vLLM's default: 0.9)")
 
 
 @dataclass(frozen=True)
@@ -264,12 +273,63 @@ def _pipeline_sends(model: ModelSpec, hw: HardwareSpec, layout: Layout, micro_ba
     return total
 
 
-def memory_per_gpu(model: ModelSpec, layout: Layout, work: Workload, batch: np.ndarray) -> np.ndarray:
-    """Bytes the fullest GPU holds: its weights (all experts it owns) plus its KV cache.
+def scheduler_defaults(hw: HardwareSpec) -> tuple[int, int]:
+    """``(max_num_batched_tokens, max_num_seqs)`` that vLLM 0.32's ``vllm serve`` picks on this GPU.
+
+    From ``vllm/engine/arg_utils.py`` (``_set_default_max_num_seqs_and_batched_tokens_args``),
+    which chooses by device memory: >= 160 GiB 16384 and 1024, >= 70 GiB 8192 and
+    1024, else 2048 and 256.
+    """
+    gib = 2**30
+    if hw.memory_capacity >= 160 * gib:
+        return 16384, 1024
+    if hw.memory_capacity >= 70 * gib:
+        return 8192, 1024
+    return 2048, 256
+
+
+def scheduler_limits(hw: HardwareSpec, layout: Layout, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per engine, the ``max_num_batched_tokens`` and ``max_num_seqs`` a batch needs (>= vLLM's defaults).
+
+    Under DP attention every attention rank is an engine with its own scheduler
+    holding ``batch / dpa`` requests.
+    """
+    tokens, seqs = scheduler_defaults(hw)
+    per_engine = np.ceil(np.asarray(batch, dtype=float) / layout.dpa)
+    return np.maximum(tokens, per_engine), np.maximum(seqs, per_engine)
+
+
+def workspace_bytes(model: ModelSpec, layout: Layout, hw: HardwareSpec, batch: np.ndarray) -> np.ndarray:
+    """Activation memory vLLM reserves on one GPU before it sizes the KV cache (an estimate).
+
+    At start-up vLLM runs the model on ``max_num_batched_tokens`` dummy tokens and
+    the sampler on ``max_num_seqs`` rows, and keeps their peak free for activations.
+    The forward's peak is priced at the widest point of a layer (the residual
+    stream twice, plus the attention's q/k/v-sized buffers or the FFN's gate/up
+    and activation buffers, for this rank's share of the heads and intermediate
+    width), in the compute format (fp32 for fp32 models, bf16 otherwise); the
+    sampler's at two fp32 ``[seqs, vocab]`` buffers (logits, probabilities).
+    """
+    tokens, seqs = scheduler_limits(hw, layout, batch)
+    dense_width = 1 if layout.strategy == "dp_ep" else layout.tpf * layout.ep
+    attention = 3.0 * model.num_q_heads / layout.tpa * model.head_dim
+    ffn = 3.0 * model.intermediate_size / dense_width
+    if model.is_moe:
+        ffn = max(ffn, model.experts_per_token * (3.0 * model.moe_intermediate_size / layout.tpf + model.hidden_size))
+    per_token = 2.0 * model.hidden_size + max(attention, ffn)
+    activation_bytes = 4.0 if model.dtype == "fp32" else 2.0
+    return np.maximum(tokens * per_token * activation_bytes, 2.0 * seqs * model.vocab_size * 4.0)
+
+
+def memory_per_gpu(model: ModelSpec, layout: Layout, work: Workload, batch: np.ndarray,
+                   hw: HardwareSpec) -> np.ndarray:
+    """Bytes the fullest GPU needs: its weights (all experts it owns), its KV cache, vLLM's
+    activation workspace (:func:`workspace_bytes`) and the runtime's own reserve.
 
     The fullest GPU is one of the stage with the most layers; under Medha it is in
     the TP group that also holds the FFN. Embedding and LM head are charged to every
-    stage (split like ``o_proj``), a slight over-estimate under PP.
+    stage (split like ``o_proj``), a slight over-estimate under PP. Compare with
+    :func:`memory_budget`, not with the whole memory.
     """
     p = work.precision
     requests = np.ceil(np.asarray(batch, dtype=float) / layout.dpa)
@@ -282,7 +342,13 @@ def memory_per_gpu(model: ModelSpec, layout: Layout, work: Workload, batch: np.n
                      for kind in stage)
         kv = len(stage) * loads.kv_cache_bytes(model, layout.tpa, layout.kvp, requests, work.context, p)
         worst = np.maximum(worst, params * p.weight_bytes + kv)
-    return worst + model.embedding_params / _output_width(layout) * p.weight_bytes
+    return (worst + model.embedding_params / _output_width(layout) * p.weight_bytes
+            + workspace_bytes(model, layout, hw, np.asarray(batch, dtype=float)) + hw.runtime_reserve)
+
+
+def memory_budget(hw: HardwareSpec, work: Workload) -> float:
+    """What vLLM lets one instance use per GPU: ``--gpu-memory-utilization`` of its memory."""
+    return hw.memory_capacity * work.memory_utilization
 
 
 def step_cost(model: ModelSpec, hw: HardwareSpec, layout: Layout, work: Workload,
@@ -320,20 +386,29 @@ def step_cost(model: ModelSpec, hw: HardwareSpec, layout: Layout, work: Workload
         terms["hopb_hidden"] = -hidden
 
     ttl = sum(terms.values())
-    memory = memory_per_gpu(model, layout, work, batch)
-    feasible = (memory <= hw.memory_capacity) & (batch >= 1) & (np.mod(batch, layout.pp) == 0)
+    memory = memory_per_gpu(model, layout, work, batch, hw)
+    feasible = (memory <= memory_budget(hw, work)) & (batch >= 1) & (np.mod(batch, layout.pp) == 0)
     return StepCost(layout, batch, ttl, terms, memory, feasible, micro_batches.astype(int))
 
 
 def max_sequences(model: ModelSpec, hw: HardwareSpec, layout: Layout, work: Workload) -> int:
-    """The most sequences of ``work.context`` tokens whose KV cache fits next to the weights (0: none).
+    """The most sequences of ``work.context`` tokens that fit next to the weights and workspace (0: none).
 
-    Memory grows by one sequence's KV share per sequence a rank holds (under DP
-    attention a rank holds ``1/dpa`` of them), so the capacity is read off two points.
+    Under DP attention a rank holds ``1/dpa`` of them. Memory grows with the batch
+    (the KV share, and the workspace once the batch passes vLLM's default
+    ``max_num_seqs``), so the largest fitting count is found by bisection below
+    the bound the KV share alone gives.
     """
-    empty, one = memory_per_gpu(model, layout, work, np.array([0.0, 1.0]))
-    if empty > hw.memory_capacity:
-        return 0
-    per_rank = int((hw.memory_capacity - empty) // (one - empty))
-    return per_rank * layout.dpa
+    budget = memory_budget(hw, work)
 
+    def fits(per_rank: int) -> bool:
+        return bool(memory_per_gpu(model, layout, work, np.array([float(per_rank * layout.dpa)]), hw)[0] <= budget)
+
+    if not fits(0):
+        return 0
+    empty, one = memory_per_gpu(model, layout, work, np.array([0.0, float(layout.dpa)]), hw)
+    low, high = 0, int((budget - empty) // (one - empty)) + 1  # fits(low); not fits(high) or past the bound
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low * layout.dpa

@@ -29,10 +29,10 @@ import numpy as np
 
 from vllm_helix.planner import loads
 from vllm_helix.planner.collectives import all_reduce_time, place_group
-from vllm_helix.planner.cost import Workload
+from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, Workload, workspace_bytes
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
-from vllm_helix.planner.layouts import STRATEGIES, attention_tp_valid
+from vllm_helix.planner.layouts import STRATEGIES, Layout, attention_tp_valid
 from vllm_helix.planner.model_spec import ModelSpec, kv_bytes_per_request
 from vllm_helix.planner.precision import Precision
 from vllm_helix.planner.recommend import PlanPoint, recommend
@@ -70,8 +70,10 @@ class PrefillCost:
         return self.gpus * self.seconds
 
 
-def prefill_cost(model: ModelSpec, hardware: HardwareSpec, precision: Precision, prompt_length: int) -> PrefillCost:
-    """The cheapest fitting TP width for one prompt (GPU-seconds per prompt)."""
+def prefill_cost(model: ModelSpec, hardware: HardwareSpec, precision: Precision, prompt_length: int,
+                 memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> PrefillCost:
+    """The cheapest fitting TP width for one prompt (GPU-seconds per prompt); memory counted as
+    for decode (:func:`~vllm_helix.planner.cost.memory_per_gpu`'s workspace and reserve)."""
     flops = (2.0 * (model.active_params_per_token - model.lm_head_params) * prompt_length
              + 2.0 * model.lm_head_params
              + model.num_layers * float(loads.prompt_attention_flops(model, prompt_length, prompt_length)))
@@ -81,7 +83,9 @@ def prefill_cost(model: ModelSpec, hardware: HardwareSpec, precision: Precision,
     for gpus in range(1, hardware.gpus_per_domain + 1):
         if not attention_tp_valid(model, gpus):
             continue
-        if weight_bytes / gpus + kv * loads.kv_head_share(model, gpus) > hardware.memory_capacity:
+        workspace = float(workspace_bytes(model, Layout("tp", tpa=gpus, tpf=gpus), hardware, np.array([1.0]))[0])
+        if (weight_bytes / gpus + kv * loads.kv_head_share(model, gpus) + workspace + hardware.runtime_reserve
+                > hardware.memory_capacity * memory_utilization):
             continue
         compute = max(flops / (gpus * hardware.flop_rate(precision.compute)),
                       weight_bytes / (gpus * hardware.memory_bandwidth))
@@ -137,15 +141,18 @@ class DisaggregationPlan:
 
 def plan_disaggregation(model: ModelSpec, hardware: HardwareSpec, precision: Precision, mix: TrafficMix,
                         ttl_budget: float, max_gpus: int, strategies: tuple[str, ...] = STRATEGIES,
-                        batches: np.ndarray | None = None) -> DisaggregationPlan:
+                        batches: np.ndarray | None = None,
+                        memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> DisaggregationPlan:
     """Size both pools for ``mix`` under ``ttl_budget`` and compare with co-located serving."""
-    decode_work = Workload(mix.decode_context, precision)
+    decode_work = Workload(mix.decode_context, precision, memory_utilization=memory_utilization)
     decode, _ = recommend(search(model, hardware, decode_work, max_gpus, batches, strategies), ttl_budget)
-    mixed_work = Workload(mix.decode_context, precision, mix.input_len / mix.output_len, mix.input_len)
+    mixed_work = Workload(mix.decode_context, precision, mix.input_len / mix.output_len, mix.input_len,
+                          memory_utilization)
     try:
         aggregated: PlanPoint | None = recommend(
             search(model, hardware, mixed_work, max_gpus, batches, strategies), ttl_budget)[0]
     except PlannerError:
         aggregated = None
-    return DisaggregationPlan(mix, ttl_budget, prefill_cost(model, hardware, precision, mix.input_len),
+    return DisaggregationPlan(mix, ttl_budget,
+                              prefill_cost(model, hardware, precision, mix.input_len, memory_utilization),
                               decode, aggregated)

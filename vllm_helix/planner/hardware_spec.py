@@ -20,9 +20,10 @@ import yaml
 
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.model_spec import CONFIG_ROOT
-from vllm_helix.planner.precision import canonical_dtype
+from vllm_helix.planner.precision import canonical_dtype, flop_rate_key
 
 HARDWARE_PRESET_DIR = CONFIG_ROOT / "hardware"
+DEFAULT_RUNTIME_RESERVE_GB = 2.0
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,13 @@ class HardwareSpec:
     tdp_watts: float
     measured: bool = False
     description: str = ""
+    # Device memory vLLM's profile run does not see as activations but the GPU holds anyway (CUDA
+    # context, NCCL and cuBLAS workspaces, CUDA graphs): an estimate, overridable per profile.
+    runtime_reserve: float = DEFAULT_RUNTIME_RESERVE_GB * 1e9
 
     def flop_rate(self, dtype: str) -> float:
         """Dense tensor-core FLOP/s for ``dtype``; raises if the chip has no such rate."""
-        key = canonical_dtype(dtype)
+        key = flop_rate_key(dtype)
         if key not in self.flops:
             raise PlannerError(
                 f"hardware {self.name!r} has no {key} FLOP rate (it supports "
@@ -124,6 +128,13 @@ def _number(section: Mapping[str, Any], key: str, where: str) -> float:
     return float(value)
 
 
+def _non_negative(section: Mapping[str, Any], key: str, where: str, default: float) -> float:
+    value = section.get(key, default)
+    if not isinstance(value, (int, float)) or value < 0:
+        raise PlannerError(f"hardware profile {where}: {key} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
 def hardware_from_dict(data: Mapping[str, Any], name: str) -> HardwareSpec:
     """Build a spec from the YAML fields (units as written in the files)."""
     where = repr(name)
@@ -145,6 +156,7 @@ def hardware_from_dict(data: Mapping[str, Any], name: str) -> HardwareSpec:
         tdp_watts=_number(power, "tdp_w", where),
         measured=bool(data.get("measured", False)),
         description=str(data.get("description", "")),
+        runtime_reserve=_non_negative(memory, "runtime_reserve_gb", where, DEFAULT_RUNTIME_RESERVE_GB) * 1e9,
     )
 
 

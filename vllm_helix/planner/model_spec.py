@@ -64,6 +64,7 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     dtype: str = "bf16"
     source: str = ""  # HF id or path: what `vllm-helix serve` is given
+    max_position_embeddings: int = 0  # the config's position limit; 0 where it states none
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "hidden_size", "vocab_size", "num_q_heads", "num_kv_heads",
@@ -314,6 +315,7 @@ def spec_from_hf_config(config: Mapping[str, Any], name: str, source: str = "") 
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         dtype=_config_dtype(config),
         source=source,
+        max_position_embeddings=int(config.get("max_position_embeddings") or 0),
     )
 
 
@@ -365,6 +367,21 @@ def load_model(ref: str) -> ModelSpec:
         f"model {ref!r} not found: not a file or directory, and not a preset; known presets: "
         f"{', '.join(preset_names())} (or pass a Hugging Face config.json / model directory)"
     )
+
+
+def context_warning(model: ModelSpec, context: int) -> str | None:
+    """Why vLLM would refuse ``context`` for this model, or ``None``.
+
+    vLLM caps ``--max-model-len`` at the config's ``max_position_embeddings``
+    (after rope scaling) and refuses more unless ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``.
+    The plan is still priced: the paper prices Llama-405B at 1M tokens, past its 128K.
+    """
+    limit = model.max_position_embeddings
+    if not limit or context <= limit:
+        return None
+    return (f"context {context:,} exceeds {model.name}'s max_position_embeddings {limit:,}: vLLM refuses "
+            f"--max-model-len {context} unless the model's rope scaling allows it or "
+            f"VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 is set (at the model's own risk); priced anyway")
 
 
 def kv_bytes_per_request(model: ModelSpec, context: int, kv_bytes: float) -> float:

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, scheduler_defaults, scheduler_limits
 from vllm_helix.planner.errors import PlannerError
-from vllm_helix.planner.layouts import HELIX_NO_OVERLAP, Layout
+from vllm_helix.planner.layouts import HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout
 from vllm_helix.planner.search import SearchResult
 
 
@@ -32,13 +33,15 @@ class PlanPoint:
     memory_per_gpu: float
     micro_batches: int
     terms: dict[str, float]
+    serve_flags: tuple[str, ...] = ()  # vLLM options this point needs beyond their defaults
 
     @property
     def tokens_per_s_per_user(self) -> float:
         return 1.0 / self.ttl
 
     def command(self, model_ref: str) -> str | None:
-        return self.layout.serve_command(model_ref, self.micro_batches)
+        command = self.layout.serve_command(model_ref, self.micro_batches)
+        return None if command is None else " ".join([command, *self.serve_flags])
 
     def as_dict(self, model_ref: str) -> dict[str, Any]:
         layout = self.layout
@@ -59,6 +62,22 @@ class PlanPoint:
         }
 
 
+def serve_flags(result: SearchResult, layout: Layout, batch: int) -> tuple[str, ...]:
+    """The vLLM options a point needs beyond vLLM's defaults: the memory fraction the plan
+    assumed, and scheduler limits raised to the batch (vLLM runs at most ``max_num_seqs``)."""
+    flags = []
+    utilization = result.workload.memory_utilization
+    if utilization != DEFAULT_MEMORY_UTILIZATION:
+        flags.append(f"--gpu-memory-utilization {utilization:g}")
+    default_tokens, default_seqs = scheduler_defaults(result.hardware)
+    tokens, seqs = (int(x[0]) for x in scheduler_limits(result.hardware, layout, np.array([batch])))
+    if seqs > default_seqs:
+        flags.append(f"--max-num-seqs {seqs}")
+    if tokens > default_tokens:
+        flags.append(f"--max-num-batched-tokens {tokens}")
+    return tuple(flags)
+
+
 def point_at(result: SearchResult, row: int, col: int) -> PlanPoint:
     """The point of layout ``row`` at batch index ``col``."""
     cost = result.costs[row]
@@ -70,6 +89,7 @@ def point_at(result: SearchResult, row: int, col: int) -> PlanPoint:
         memory_per_gpu=float(cost.memory_per_gpu[col]),
         micro_batches=int(cost.micro_batches[col]),
         terms={name: float(values[col]) for name, values in cost.terms.items()},
+        serve_flags=serve_flags(result, cost.layout, int(result.batches[col])),
     )
 
 
@@ -97,10 +117,18 @@ def best_points(result: SearchResult, ttl_budget: float | None = None) -> list[P
 
 
 def best_per_family(points: list[PlanPoint]) -> dict[str, PlanPoint]:
-    """The first (best) point of each family in an already ranked list."""
+    """The first (best) point of each family in an already ranked list.
+
+    Where HOP-B's best choice is one micro-batch, the Helix point *is* the
+    no-overlap point; it is listed once (as Helix), not twice.
+    """
     best: dict[str, PlanPoint] = {}
     for point in points:
         best.setdefault(point.layout.family, point)
+    helix, plain = best.get(STRATEGY_LABELS["helix"]), best.get(HELIX_NO_OVERLAP)
+    if (helix is not None and plain is not None and helix.micro_batches == 1 and helix.batch == plain.batch
+            and replace(helix.layout, hopb=False) == plain.layout):
+        del best[HELIX_NO_OVERLAP]
     return best
 
 

@@ -13,11 +13,18 @@ from functools import cached_property
 
 import numpy as np
 
-from vllm_helix.planner.cost import StepCost, Workload, step_cost
+from vllm_helix.planner.cost import StepCost, Workload, memory_budget, step_cost
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
 from vllm_helix.planner.layouts import STRATEGIES, Layout, layouts_for
 from vllm_helix.planner.model_spec import ModelSpec, kv_bytes_per_request
+
+
+# The largest instance priced. The enumeration is linear in the instance sizes it walks (each
+# size has its own divisor grids), so ``--gpus 100000`` would take minutes; no vLLM instance
+# comes near this size, and replicas of a priced instance fill any larger budget (tokens/s/GPU
+# does not change with the number of replicas).
+MAX_INSTANCE_GPUS = 1024
 
 
 def default_batches(max_batch: int = 65536, per_octave: int = 4) -> np.ndarray:
@@ -71,6 +78,8 @@ def search(model: ModelSpec, hardware: HardwareSpec, workload: Workload, max_gpu
            min_gpus: int = 1, layouts: list[Layout] | None = None) -> SearchResult:
     """Price every layout of ``strategies`` on ``min_gpus..max_gpus`` GPUs at every batch size.
 
+    Instances stop at :data:`MAX_INSTANCE_GPUS` GPUs whatever ``max_gpus`` is (replicas fill the rest).
+
     ``layouts`` replaces the enumeration with exactly those layouts (``--helix``).
     Raises :class:`PlannerError` when nothing is feasible, naming what one sequence
     needs, so the user knows whether to add GPUs, shrink the KV format or the context.
@@ -88,7 +97,8 @@ def search(model: ModelSpec, hardware: HardwareSpec, workload: Workload, max_gpu
     if batches.size == 0 or batches.min() < 1:
         raise PlannerError("batch sizes must be positive integers, e.g. --batch 1,8,64")
     if layouts is None:
-        layouts = [layout for gpus in range(min_gpus, max_gpus + 1) for layout in layouts_for(model, gpus, strategies)]
+        largest = min(max_gpus, MAX_INSTANCE_GPUS)
+        layouts = [layout for gpus in range(min_gpus, largest + 1) for layout in layouts_for(model, gpus, strategies)]
     costs = tuple(step_cost(model, hardware, layout, workload, batches) for layout in layouts)
     if not costs:
         raise PlannerError(
@@ -101,8 +111,10 @@ def search(model: ModelSpec, hardware: HardwareSpec, workload: Workload, max_gpu
         raise PlannerError(
             f"a {workload.context}-token context fits on no layout of <= {max_gpus} {hardware.name} GPUs: "
             f"one sequence needs {need / 1e9:.1f} GB of {workload.precision.kv} KV cache plus "
-            f"{model.total_params * workload.precision.weight_bytes / 1e9:.0f} GB of weights against "
-            f"{hardware.memory_capacity / 1e9:.0f} GB per GPU; add GPUs (--gpus), use a smaller "
+            f"{model.total_params * workload.precision.weight_bytes / 1e9:.0f} GB of weights against the "
+            f"{memory_budget(hardware, workload) / 1e9:.0f} GB vLLM may use per GPU "
+            f"(--gpu-memory-utilization {workload.memory_utilization:g} of {hardware.memory_capacity / 1e9:.0f} GB, "
+            f"less its activation workspace); add GPUs (--gpus), use a smaller "
             f"--kv-dtype/--weight-dtype, or shorten --context"
         )
     return result
