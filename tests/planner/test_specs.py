@@ -127,6 +127,18 @@ def test_precisions() -> None:
         Precision.uniform("int3")
 
 
+def test_a_hardware_profile_typo_is_refused(tmp_path) -> None:
+    profile = tmp_path / "typo.yaml"
+    profile.write_text("base: h100-sxm\nmemory:\n  bandwith_gb_s: 3000\n")
+    with pytest.raises(PlannerError, match=r"unknown key\(s\) \['memory.bandwith_gb_s'\], which would be ignored"):
+        load_hardware(str(profile))
+    profile.write_text("base: h100-sxm\nnvlink: fast\n")
+    with pytest.raises(PlannerError, match=r"unknown key\(s\) \['nvlink'\]"):
+        load_hardware(str(profile))
+    for name in hardware_presets():
+        load_hardware(name)  # every shipped profile passes
+
+
 def test_hardware_presets_and_inheritance() -> None:
     for name in ("gb200-nvl72", "b200", "h200", "h100-sxm"):
         assert name in hardware_presets()

@@ -135,9 +135,35 @@ def _non_negative(section: Mapping[str, Any], key: str, where: str, default: flo
     return float(value)
 
 
+# Every key a profile may hold; anything else is a typo that would silently be ignored.
+PROFILE_KEYS: dict[str, tuple[str, ...]] = {
+    "memory": ("capacity_gb", "bandwidth_gb_s", "runtime_reserve_gb"),
+    "compute_tflops": (),  # any number format the precision module knows
+    "scale_up": ("bandwidth_gb_s", "latency_us", "gpus_per_domain"),
+    "scale_out": ("bandwidth_gb_s", "latency_us"),
+    "power": ("tdp_w",),
+}
+_TOP_LEVEL_KEYS = ("name", "description", "measured", *PROFILE_KEYS)
+
+
+def _check_keys(data: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(str(key) for key in data if key not in _TOP_LEVEL_KEYS)
+    for section, keys in PROFILE_KEYS.items():
+        if keys and isinstance(data.get(section), Mapping):
+            unknown += sorted(f"{section}.{key}" for key in data[section] if key not in keys)
+    if unknown:
+        raise PlannerError(
+            f"hardware profile {where} has unknown key(s) {unknown}, which would be ignored; valid keys: "
+            + "; ".join(f"{section}: {', '.join(keys) or 'a number format per key'}"
+                        for section, keys in PROFILE_KEYS.items())
+            + f"; top level: {', '.join(_TOP_LEVEL_KEYS[:3])}, base"
+        )
+
+
 def hardware_from_dict(data: Mapping[str, Any], name: str) -> HardwareSpec:
-    """Build a spec from the YAML fields (units as written in the files)."""
+    """Build a spec from the YAML fields (units as written in the files); unknown keys are refused."""
     where = repr(name)
+    _check_keys(data, where)
     try:
         memory, compute, up = data["memory"], data["compute_tflops"], data["scale_up"]
         power = data["power"]
