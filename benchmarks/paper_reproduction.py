@@ -40,7 +40,7 @@ from vllm_helix.planner.search import SearchResult, search
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTEXT = 2**20
 MAX_GPUS = 64  # the paper's search: 1-64 GPUs of one NVL72 domain
-FP4 = Precision.uniform("fp4")
+FP4 = Precision.uniform("mxfp4")
 HELIX = (STRATEGY_LABELS["helix"],)
 BASELINE_FAMILIES = tuple(STRATEGY_LABELS[s] for s in BASELINES)
 TP_ONLY = (STRATEGY_LABELS["tp"],)
@@ -113,9 +113,9 @@ def sensitivity(names: tuple[str, ...], hardware: HardwareSpec) -> list[dict[str
     rows = []
     for name in names:
         for latency_us in (0.5, 1.0, 2.0, 5.0, 10.0):
-            for wire in ("fp4", "bf16"):
+            for wire in ("mxfp4", "bf16"):
                 hw = replace(hardware, scale_up=Link(hardware.scale_up.bandwidth, latency_us * 1e-6))
-                run = reproduce(name, hw, Precision("fp4", "fp4", "fp4", wire))
+                run = reproduce(name, hw, Precision("mxfp4", "mxfp4", "mxfp4", wire))
                 rows.append({"model": name, "latency_us": latency_us, "wire": wire,
                              **{k: run["versus_best_baseline"][k] for k in
                                 ("ttl_reduction_at_batch_1", "ttl_reduction_at_fixed_batch",
@@ -126,7 +126,7 @@ def sensitivity(names: tuple[str, ...], hardware: HardwareSpec) -> list[dict[str
 
 
 DISAGG_MODELS = (("llama-3.1-8b", "h200", "fp8"), ("llama-3.1-70b", "h200", "fp8"),
-                 ("deepseek-r1", "h200", "fp8"), ("deepseek-r1", "gb200-nvl72", "fp4"))
+                 ("deepseek-r1", "h200", "fp8"), ("deepseek-r1", "gb200-nvl72", "mxfp4"))
 DISAGG_MIXES = ((16384, 2048), (4096, 256), (2048, 2048), (1024, 32768))
 
 
@@ -147,10 +147,10 @@ def disaggregation_table(ttl_ms: float = 10.0, rate: float = 10.0) -> list[dict[
     return rows
 
 
-ENERGY_SETUPS = (("gb200-nvl72", "fp4"), ("b200", "fp4"), ("h200", "fp8"), ("h100-sxm", "fp8"))
+ENERGY_SETUPS = (("gb200-nvl72", "mxfp4"), ("b200", "mxfp4"), ("h200", "fp8"), ("h100-sxm", "fp8"))
 
 
-ENERGY_STUDIES = (("deepseek-r1", CONTEXT, 5.0, (("gb200-nvl72", "fp4"),)),
+ENERGY_STUDIES = (("deepseek-r1", CONTEXT, 5.0, (("gb200-nvl72", "mxfp4"),)),
                   ("llama-3.1-70b", 131072, 20.0, ENERGY_SETUPS))
 
 
@@ -328,9 +328,9 @@ def _differences(report: dict[str, Any]) -> list[str]:
     r1, llama = report["deepseek-r1"], report["llama-3.1-405b"]
     b1, b2 = r1["versus_best_baseline"], llama["versus_best_baseline"]
     r1_rows = {row["latency_us"]: row for row in report["sensitivity"]
-               if row["model"] == "deepseek-r1" and row["wire"] == "fp4"}
+               if row["model"] == "deepseek-r1" and row["wire"] == "mxfp4"}
     ll_rows = {row["latency_us"]: row for row in report["sensitivity"]
-               if row["model"] == "llama-3.1-405b" and row["wire"] == "fp4"}
+               if row["model"] == "llama-3.1-405b" and row["wire"] == "mxfp4"}
     r1_tables = r1["per_batch_ttl_ms"]
     return [
         "## Where this model agrees with the paper, where it does not, and why",
