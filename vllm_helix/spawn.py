@@ -62,17 +62,27 @@ def _rank_main(
         results.put((rank, False, traceback.format_exc()))
 
 
+def _dead_without_result(procs: Sequence[Any], reported: set[int], grace_s: float = 0.0) -> str | None:
+    """Which ranks exited without reporting (waiting up to ``grace_s`` for one to finish exiting)."""
+    give_up = time.monotonic() + grace_s
+    while True:
+        dead = [r for r in range(len(procs)) if r not in reported and procs[r].exitcode is not None]
+        if dead or time.monotonic() >= give_up:
+            break
+        time.sleep(0.05)
+    if not dead:
+        return None
+    return f"ranks {dead} exited with codes {[procs[r].exitcode for r in dead]} without a result"
+
+
 def _check_progress(
     procs: Sequence[Any], collected: dict[int, Any], deadline: float, timeout_s: float
 ) -> None:
     """Raise if a rank died without reporting, or the deadline passed."""
-    missing = [r for r in range(len(procs)) if r not in collected]
-    dead = [r for r in missing if procs[r].exitcode is not None]
+    dead = _dead_without_result(procs, set(collected))
     if dead:
-        raise RankFailure(
-            f"ranks {dead} exited with codes {[procs[r].exitcode for r in dead]} "
-            f"without a result"
-        )
+        raise RankFailure(dead)
+    missing = [r for r in range(len(procs)) if r not in collected]
     if time.monotonic() > deadline:
         raise RankFailure(f"ranks {missing} gave no result within {timeout_s:.0f} s")
 
@@ -113,7 +123,11 @@ def run_ranks(
                 _check_progress(procs, collected, deadline, timeout_s)
                 continue
             if not ok:
-                raise RankFailure(f"rank {rank} of {world_size} failed:\n{value}")
+                # A rank that died often makes its peers fail in the collective they shared with it
+                # (connection reset): name the dead rank first, it is the cause.
+                dead = _dead_without_result(procs, set(collected) | {rank}, grace_s=1.0)
+                cause = f"{dead}; then " if dead else ""
+                raise RankFailure(f"{cause}rank {rank} of {world_size} failed:\n{value}")
             collected[rank] = pickle.loads(value)
         for proc in procs:
             proc.join(timeout=30)
