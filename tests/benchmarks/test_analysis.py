@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -61,3 +62,11 @@ def test_ratios_pair_helix_and_tp_at_equal_context_and_batch() -> None:
                                                            {"context": 65536, "batch": 1, "tpot_ms": 30.0}]},
     ]}
     assert long_context.ratios(payload, "m", 1) == [(4096, 1.5)]
+
+
+def test_the_committed_results_explain_each_llama_miss_from_the_profile() -> None:
+    """long_context.md's explanations are computed from the committed sweep and profile; both must exist."""
+    payload = json.loads((long_context.RESULTS / "long_context.json").read_text())
+    fixed, kernel = long_context.fixed_cost_lines(payload), long_context.kernel_gap_lines(payload)
+    assert len(fixed) == 1 and "4K on the Llama twin" in fixed[0]
+    assert len(kernel) == 1 and "256K on the Llama twin" in kernel[0] and "as fast in the served setting" in kernel[0]
