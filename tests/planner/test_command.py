@@ -101,6 +101,23 @@ def test_no_point_vllm_would_refuse_to_start(capsys: pytest.CaptureFixture[str])
     assert code == 0 and json.loads(out)["best"]["command"].endswith(" --max-num-seqs 2048")
 
 
+def test_every_plan_shows_its_headline_against_the_message_latency(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _plan(capsys, "--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--weight-dtype",
+                         "fp4", "--ttl-ms", "5", "--json")
+    plan = json.loads(out)
+    rows = plan["latency_sensitivity"]
+    assert code == 0 and [r["latency_us"] for r in rows] == pytest.approx([0.5, 1.0, 5.0])
+    at_profile = rows[1]
+    assert at_profile["helix"]["layout"] == plan["best"]["layout"]  # the same search as the plan's own
+    assert at_profile["ratio"] == pytest.approx(at_profile["helix"]["tokens_per_s_per_gpu"]
+                                                / at_profile["baseline"]["tokens_per_s_per_gpu"])
+    assert at_profile["baseline"]["strategy"] in ("tp", "tp_pp", "dp_ep")
+    assert rows[0]["ratio"] >= rows[2]["ratio"]  # slower messages never help Helix more than faster ones
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-405b", "--context", "1M", "--weight-dtype", "fp4",
+                         "--helix", "kvp=8,tpa=8,hopb=4", "--json")
+    assert code == 0 and json.loads(out)["latency_sensitivity"] == []
+
+
 def test_default_latency_budget_is_stated_and_falls_back_out_loud(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _plan(capsys, "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--context", "32K")
     assert code == 0 and "TTL budget 50 ms" in out and "warning" not in out

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from vllm_helix.planner.model_spec import ModelSpec
     from vllm_helix.planner.recommend import PlanPoint
     from vllm_helix.planner.search import SearchResult
+    from vllm_helix.planner.sensitivity import LatencyPoint
 
 HELP = "pick the Helix (or baseline) decode layout for a model, GPUs, context and TTL budget"
 
@@ -115,6 +116,7 @@ class Plan:
     disaggregation: "DisaggregationPlan | None"
     seconds: float
     warnings: tuple[str, ...] = ()
+    sensitivity: tuple["LatencyPoint", ...] = ()  # empty for --helix (no baseline priced)
 
     @property
     def model_ref(self) -> str:
@@ -133,6 +135,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     from vllm_helix.planner.precision import Precision
     from vllm_helix.planner.recommend import best_per_family, best_points, recommend
     from vllm_helix.planner.search import search
+    from vllm_helix.planner.sensitivity import SERVABLE_BASELINES, latency_sensitivity
 
     started = time.perf_counter()
     model = load_model(args.model)
@@ -177,9 +180,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
         mix = TrafficMix(parse_tokens(args.isl), parse_tokens(args.osl), args.rate)
         disaggregation = plan_disaggregation(model, hardware, precision, mix, ttl_budget, gpus, strategies, batches,
                                              args.gpu_memory_utilization)
+    seconds = time.perf_counter() - started  # the search itself, before the sensitivity re-pricing
+    sensitivity = ()
+    if not args.helix and "helix" in strategies and set(SERVABLE_BASELINES) & set(strategies):
+        sensitivity = tuple(latency_sensitivity(
+            result, lambda hw: search(model, hw, work, gpus, batches, strategies), ttl_budget))
     return Plan(model, hardware, gpus, ttl_budget, result, best, ranked,
-                best_per_family(best_points(result, ttl_budget)), disaggregation, time.perf_counter() - started,
-                tuple(warnings))
+                best_per_family(best_points(result, ttl_budget)), disaggregation, seconds, tuple(warnings),
+                sensitivity)
 
 
 def _ttl_budget(text: str | None) -> float | None:
@@ -234,6 +242,7 @@ def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             "prefill_to_decode": d.prefill_to_decode, "aggregated_gpus": d.aggregated_gpus,
             "pays": d.pays, "gain": d.gain,
         }
+    payload["latency_sensitivity"] = [p.as_dict(ref) for p in plan.sensitivity]
     if args.plot:
         payload["plot"] = args.plot
     return payload
@@ -257,6 +266,7 @@ def _terms_text(terms: dict[str, float]) -> str:
 
 def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
     from vllm_helix.planner.cost import memory_budget
+    from vllm_helix.planner.sensitivity import sensitivity_text
     from vllm_helix.planner.search import MAX_INSTANCE_GPUS
     from vllm_helix.planner.energy import energy_of
 
@@ -293,6 +303,8 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
         f"activation workspace and a {plan.hardware.runtime_reserve / 1e9:g} GB runtime reserve)",
         f"  serve: {best.command(plan.model_ref)}",
     ]
+    if plan.sensitivity:
+        lines += ["", *sensitivity_text(list(plan.sensitivity), plan.hardware.scale_up.latency)]
     d = plan.disaggregation
     if d is not None:
         colocated = (f"{d.aggregated.layout.family} {d.aggregated.layout.describe()} at batch {d.aggregated.batch} "
