@@ -167,16 +167,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     except PlannerError:
         if args.ttl_ms is not None:
             raise
-        fastest = recommend(result, None)[0]
-        warnings.append(f"no layout meets the default {DEFAULT_TTL_MS:g} ms budget; the fastest layout is shown "
-                        f"({fastest.ttl * 1e3:.3g} ms); pass --ttl-ms to set a budget")
         ttl_budget = None
         best, ranked = recommend(result, ttl_budget)
+        warnings.append(f"no layout meets the default {DEFAULT_TTL_MS:g} ms budget; the fastest layout is shown "
+                        f"({best.ttl * 1e3:.3g} ms); pass --ttl-ms to set a budget")
     disaggregation = None
     if args.isl or args.osl or args.rate:
         if not (args.isl and args.osl and args.rate and ttl_budget):
             raise PlannerError("disaggregation needs all of --isl, --osl and --rate, and a latency budget "
-                               "(--ttl-ms, not 'fastest'; none of the layouts meets the default)")
+                               "(--ttl-ms in milliseconds; 'fastest', or a default no layout meets, leaves none)")
         mix = TrafficMix(parse_tokens(args.isl), parse_tokens(args.osl), args.rate)
         disaggregation = plan_disaggregation(model, hardware, precision, mix, ttl_budget, gpus, strategies, batches,
                                              args.gpu_memory_utilization)
