@@ -1,7 +1,8 @@
 """Which vLLM versions the plugin supports, and the vLLM internals it leans on.
 
-This is the only module that knows where things live inside vLLM. Every
-adapter imports vLLM symbols through :func:`internal`, so a rename in a future
+This is the module that knows where things live inside vLLM. Adapters import
+vLLM internals through :func:`internal` (the exceptions, stable public imports such
+as ``vllm.platforms``, are listed in ``docs/vllm-touchpoints.md``), so a rename in a future
 vLLM fails here, at start-up, with a message naming the symbol and the
 supported versions, instead of as an ``AttributeError`` in the middle of a
 request. ``tests/patches_free_hooks/test_compat.py`` resolves every entry of

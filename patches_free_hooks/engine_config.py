@@ -10,7 +10,8 @@ memory); the plugin's attention backends supply what vLLM's CPU backends lack
 
 vLLM reads those settings when ``EngineArgs.create_engine_config`` builds the
 ``VllmConfig``, and it offers no hook there, so :func:`install` wraps that one
-method (the only monkey-patch of the plugin). The wrapper is inert without a
+method (one of the plugin's touch-points into vLLM, all listed with their guards in
+``docs/vllm-touchpoints.md``). The wrapper is inert without a
 ``helix`` entry. With one, every constraint is checked against the model
 *before* vLLM builds anything, so a bad layout fails with one message naming
 the constraint and a working alternative, never a traceback from a worker.
