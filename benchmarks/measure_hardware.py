@@ -1,24 +1,33 @@
-"""Measure this machine as a planner hardware profile, then check the planner's attention model on it.
+"""Measure this machine as a calibrated planner hardware profile: one command, one profile per machine.
 
-Part 1 (profile) measures what the cost model needs and writes
-``configs/hardware/cpu-2core.yaml`` (``measured: true``, machine and date):
+Part 1, the machine: memory bandwidth (a 256 MiB tensor copy, counted STREAM-style
+as bytes read + written; a streaming read for reference), matmul FLOP rates (fp32,
+bf16), and the collectives the served workers actually use between each other:
+vLLM's CPU shared-memory ``shm_allreduce`` and ``shm_all_gather`` between two
+processes on this socket (a 1 KiB message for the latency, 8 MiB for the
+bandwidth), not a network.
 
-* memory bandwidth: a 256 MiB tensor copy, counted STREAM-style as bytes read +
-  written per second (the same convention as the GPU "copy" figures), plus the
-  read-only rate of a reduction for reference;
-* FLOP rate: square matmuls in fp32 and bf16;
-* fabric: gloo ``all_to_all_single`` between 2 local processes, a few bytes (the
-  per-message latency) and 8 MiB per peer (the bandwidth).
+Part 2, the engine: decode TPOT of both benchmark twins (the Llama twin with one KV
+head, GQA; the DeepSeek-V3 twin, MLA) under TP=2 and Helix kvp=2, through vLLM's
+offline engine exactly as ``long_context.py`` runs them (``run_engine``, KV filled
+by vLLM's ``DecodeBenchConnector``): at 4K tokens with batch 1 and 8 on twins of 2
+and 4 layers, and at a long context (batch 1, 2 layers); each point five times,
+the median kept.
 
-Part 2 (calibration) times decode-shaped attention with plain torch (GQA and
-absorbed-MLA shapes, fp32 and bf16, whole machine) and compares each time with
-the planner's prediction for the same shape on the profile just measured
-(``loads.attention_core`` through ``cost.roofline``: the code ``vllm-helix plan``
-runs). It also predicts the per-rank numbers of this project's own CPU benchmark
-(``benchmarks/results/helix_attention_cpu.json``). Writes
-``benchmarks/results/calibration.{md,json}``.
+Part 3, the fit: for each (engine: vLLM's own or Helix's, attention: GQA or MLA)
+the five constants of :mod:`vllm_helix.planner.calibration` (per-step, per-layer,
+per-sequence and per-sequence-per-layer fixed costs, and the KV read rate of one
+rank's attention kernel while every rank reads) solve the five measured points
+exactly, after the cost model's own terms for those points (weights, FFN FLOPs,
+collectives at the measured shm latency) are subtracted. The long-context sweep
+(``long_context.json``) is *not* used: ``planner_validation.py`` predicts it.
 
-    .venv/bin/python benchmarks/measure_hardware.py [--quick]
+Writes ``configs/hardware/<name>.yaml`` (the profile the planner reads; ``<name>``
+from the CPU, e.g. ``cpu-xeon-2core``) and ``benchmarks/results/calibration.{json,md}``
+(the raw engine timings and the fitted constants, no second copy of the profile).
+
+    .venv/bin/python benchmarks/measure_hardware.py              # ~20 min on 2 cores
+    .venv/bin/python benchmarks/measure_hardware.py --fit-only   # refit from calibration.json
 """
 
 from __future__ import annotations
@@ -27,37 +36,37 @@ import argparse
 import datetime
 import json
 import os
+import re
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import yaml
 
-from vllm_helix.machine import cpu_model
-from vllm_helix.planner.collectives import exchange_time, place_group
-from vllm_helix.planner.cost import roofline
-from vllm_helix.planner.hardware_spec import HardwareSpec, hardware_from_dict
-from vllm_helix.planner.loads import attention_core, partial_output_bytes
-from vllm_helix.planner.model_spec import ModelSpec
-from vllm_helix.planner.precision import Precision
+import long_context  # benchmarks/ is on the path when this runs as a script
+from vllm_helix.machine import describe_machine, machine_line
+from vllm_helix.planner.calibration import engine_of
+from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, fit_engine_costs, predicted_step
+from vllm_helix.planner.hardware_spec import HARDWARE_PRESET_DIR, hardware_from_dict
+from vllm_helix.planner.model_spec import ModelSpec, load_model
 from vllm_helix.spawn import run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
-PROFILE = ROOT / "configs" / "hardware" / "cpu-2core.yaml"
-RESULTS = ROOT / "benchmarks" / "results"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RESULTS = Path(__file__).resolve().parent / "results"
+SMALL_MESSAGE, LARGE_MESSAGE = 1024, 8 * 2**20  # bytes
+SHORT_CONTEXT, BATCHES, DEPTHS, REPEATS = 4096, (1, 8), (2, 4), 5
+LONG_CONTEXT = {"llama_kv1": 1_000_000, "deepseek_v3": 131072}  # the longest both layouts hold
+OUTPUT_LEN = 64  # tokens per request: a 4K TPOT is ~6 ms, so 64 of them average out machine hiccups
 
 
 def best_seconds(fn: Callable[[], Any], repeats: int, min_total_s: float = 1.5, max_calls: int = 300) -> float:
     """Shortest wall time of ``fn()`` after one warm-up call, over at least ``repeats`` calls
     and at least ``min_total_s`` seconds of calls (at most ``max_calls``).
 
-    The minimum, not the median: the CI machine is shared, and the least-disturbed
-    run is the best estimate of what the hardware does; short workloads get many
-    tries so that one of them lands in a quiet moment.
+    The minimum, not the median: the machine is shared, and the least-disturbed run
+    is the best estimate of what the hardware does.
     """
     fn()
     samples: list[float] = []
@@ -76,7 +85,15 @@ def memory_total_bytes() -> float:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
-# ------------------------------------------------------------------ part 1
+def profile_for(machine: dict[str, Any]) -> str:
+    """``cpu-<family>-<cores>core`` for a :func:`describe_machine` record: one profile per kind of
+    machine (Xeon and EPYC serve differently, see NOTES), found again from any results file's record."""
+    model = str(machine["cpu"]).lower()
+    family = next((name for name in ("xeon", "epyc") if name in model), re.sub(r"[^a-z0-9]+", "-", model)[:20])
+    return f"cpu-{family.strip('-')}-{machine['cores']}core"
+
+
+# ------------------------------------------------------------------ part 1: the machine
 def measure_memory(repeats: int) -> dict[str, float]:
     src = torch.rand(64 * 2**20)  # 256 MiB of fp32
     dst = torch.empty_like(src)
@@ -91,265 +108,219 @@ def measure_matmul(dtype: torch.dtype, size: int, repeats: int) -> float:
     return 2 * size**3 / best_seconds(lambda: a @ b, repeats)
 
 
-def _all_to_all_rank(rank: int, world: int, sizes: list[int], repeats: int) -> list[float]:
-    """Rank entry point: best seconds of one all_to_all_single per payload size (bytes per peer)."""
+def _shm_rank(rank: int, world: int, repeats: int) -> dict[str, list[float]]:
+    """Rank entry point: best seconds of vLLM's shm all-reduce and all-gather, small and large.
+
+    The same ops and set-up calls as vLLM's ``_CPUSHMDistributed`` (what a served TP or
+    Helix group uses between CPU workers); the gloo group only starts them in step.
+    """
     import torch.distributed as dist
+    import vllm._C  # noqa: F401  (registers torch.ops._C)
 
-    out = []
-    for size in sizes:
-        send = torch.zeros(world * max(1, size // 4), dtype=torch.float32)
-        recv = torch.empty_like(send)
-
-        def once() -> None:
-            dist.all_to_all_single(recv, send)
-
+    name = f"helix-measure-{os.getppid()}-cpushm"
+    handle = torch.ops._C.init_shm_manager(name, world, rank, torch.get_num_threads())
+    dist.barrier()
+    torch.ops._C.join_shm_manager(handle, name)
+    dist.barrier()
+    out: dict[str, list[float]] = {"all_reduce": [], "all_gather": []}
+    for size in (SMALL_MESSAGE, LARGE_MESSAGE):
+        data = torch.ones(size // 4)
+        gathered = torch.empty(world * data.numel())
         dist.barrier()
-        out.append(best_seconds(once, repeats, min_total_s=0.0))  # every rank must make the same calls
+        out["all_reduce"].append(best_seconds(lambda: torch.ops._C.shm_allreduce(handle, data), repeats,
+                                              min_total_s=0.0))
+        dist.barrier()
+        out["all_gather"].append(best_seconds(lambda: torch.ops._C.shm_all_gather(handle, data, gathered),
+                                              repeats, min_total_s=0.0))
+    dist.barrier()
     return out
 
 
-def measure_gloo(repeats: int) -> dict[str, float]:
-    small, large = 4, 8 * 2**20
-    per_rank = run_ranks(_all_to_all_rank, 2, ([small, large], repeats), timeout_s=300)
-    latency = max(r[0] for r in per_rank)
-    large_time = max(r[1] for r in per_rank)
-    return {"latency_s": latency, "bandwidth_bytes_per_s": large / max(large_time - latency, 1e-9)}
+def measure_shm(repeats: int) -> dict[str, Any]:
+    """Latency (1 KiB message) and bandwidth (8 MiB) of the two shm collectives, slowest rank."""
+    per_rank = run_ranks(_shm_rank, 2, (repeats,), timeout_s=300)
+    out: dict[str, Any] = {}
+    for op in ("all_reduce", "all_gather"):
+        small, large = (max(r[op][i] for r in per_rank) for i in (0, 1))
+        out[op] = {"latency_s": small, "bandwidth_bytes_per_s": LARGE_MESSAGE / max(large - small, 1e-9)}
+    return out
 
 
-def write_profile(memory: dict[str, float], flops: dict[str, float], gloo: dict[str, float]) -> dict[str, Any]:
-    today = datetime.date.today().isoformat()
-    profile = {
-        "name": "cpu-2core",
-        "description": f"{cpu_model()}, {os.cpu_count()} cores (this project's CI machine), measured {today}",
-        "measured": True,
-        "memory": {"capacity_gb": round(memory_total_bytes() / 1e9, 2),
-                   "bandwidth_gb_s": round(memory["copy_bytes_per_s"] / 1e9, 2)},
-        "compute_tflops": {k: round(v / 1e12, 5) for k, v in flops.items()},
-        "scale_up": {"bandwidth_gb_s": round(gloo["bandwidth_bytes_per_s"] / 1e9, 3),
-                     "latency_us": round(gloo["latency_s"] * 1e6, 1), "gpus_per_domain": 2},
-        "power": {"tdp_w": 9},
-    }
-    header = (
-        f"# Measured by benchmarks/measure_hardware.py on {today}: {cpu_model()}, {os.cpu_count()} cores,\n"
-        f"# torch {torch.__version__}, {os.cpu_count()} threads. One 'GPU' is the whole machine.\n"
-        "# memory.bandwidth_gb_s: 256 MiB tensor copy, (read + write bytes) / s (STREAM copy convention);\n"
-        f"#   read-only reduction for reference: {memory['read_bytes_per_s'] / 1e9:.1f} GB/s.\n"
-        "# memory.capacity_gb: MemTotal. compute_tflops: square matmuls (fp32 2048, bf16 1024).\n"
-        "# scale_up: gloo all_to_all_single between 2 local processes (4 B and 8 MiB per peer);\n"
-        "#   gpus_per_domain 2 = two processes, which then share the memory bandwidth and cores.\n"
-        "# power.tdp_w: NOT measured; an assumption for the energy model only (2 of 64 cores of a\n"
-        "#   280 W EPYC package).\n"
-    )
-    PROFILE.write_text(header + yaml.safe_dump(profile, sort_keys=False))
-    return profile
-
-
-# ------------------------------------------------------------------ part 2
-def attention_spec(kind: str, heads: int, kv_heads: int) -> ModelSpec:
-    """A one-layer model whose attention has the timed shape (other fields are irrelevant here)."""
-    common = dict(name=f"{kind}-shape", num_layers=1, hidden_size=1024, vocab_size=1, num_q_heads=heads,
-                  intermediate_size=1)
-    if kind == "mla":
-        return ModelSpec(**common, num_kv_heads=1, head_dim=192, attention="mla", kv_lora_rank=512,
-                         qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
-    return ModelSpec(**common, num_kv_heads=kv_heads, head_dim=128)
-
-
-def decode_attention(kind: str, batch: int, heads: int, kv_heads: int, context: int,
-                     dtype: torch.dtype) -> dict[str, Callable[[], torch.Tensor]]:
-    """One decode step of attention on contiguous KV (no copies of the cache), two ways.
-
-    ``sdpa``: torch's fused CPU attention with the query heads of one KV head as the
-    query positions (GQA decode is MHA over KV heads); for MLA the latent is K and its
-    first 512 elements V. ``matmul``: QK^T, softmax, PV as three separate torch ops.
-    """
-    if kind == "mla":
-        keys = torch.randn(batch, 1, context, 576, dtype=dtype)
-        values = keys[..., :512]
-        query = torch.randn(batch, 1, heads, 576, dtype=dtype)
-    else:
-        keys = torch.randn(batch, kv_heads, context, 128, dtype=dtype)
-        values = torch.randn(batch, kv_heads, context, 128, dtype=dtype)
-        query = torch.randn(batch, kv_heads, heads // kv_heads, 128, dtype=dtype)
-    scale = query.shape[-1] ** -0.5
-
-    def sdpa() -> torch.Tensor:
-        return torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=scale)
-
-    def matmul() -> torch.Tensor:
-        scores = torch.softmax((query @ keys.transpose(-1, -2)).float() * scale, dim=-1).to(dtype)
-        return scores @ values
-
-    return {"sdpa": sdpa, "matmul": matmul}
-
-
-def predicted_attention(kind: str, batch: int, heads: int, kv_heads: int, context: float, dtype: str,
-                        hw: HardwareSpec) -> tuple[float, float]:
-    """The planner's time for this attention step (one layer, no parallelism) on ``hw``, and its KV bytes."""
-    precision = Precision(weights=dtype, kv=dtype, compute=dtype, activations=dtype)
-    load = attention_core(attention_spec(kind, heads, kv_heads), 1, 1, float(batch), context, precision)
-    return float(sum(roofline(load, hw, precision).values())), float(load.kv_bytes)
-
-
-def scaled(hw: HardwareSpec, share: float) -> HardwareSpec:
-    """The machine as one of ``1/share`` processes sees it: that share of bandwidth and FLOPs."""
-    return replace(hw, memory_bandwidth=hw.memory_bandwidth * share,
-                   flops={k: v * share for k, v in hw.flops.items()})
-
-
-def calibrate(hw: HardwareSpec, quick: bool, repeats: int) -> dict[str, Any]:
-    shapes = [("gqa", 1, 32, 8, 4096), ("gqa", 1, 32, 8, 32768), ("gqa", 4, 32, 8, 8192),
-              ("gqa", 4, 32, 8, 32768), ("mla", 1, 16, 1, 4096), ("mla", 1, 16, 1, 32768),
-              ("mla", 4, 16, 1, 8192), ("mla", 4, 16, 1, 32768)]
-    if quick:
-        shapes = [s for s in shapes if s[4] <= 8192]
+# ------------------------------------------------------------------ part 2: the engine
+def engine_runs(twins: list[str], log_dir: Path, timeout_s: float) -> list[dict[str, Any]]:
+    """Raw TPOTs: for each twin and configuration, a 2-layer engine (4K points and the long one)
+    and a 4-layer engine (4K points)."""
     rows = []
-    for kind, batch, heads, kv_heads, context in shapes:
-        for name, dtype in DTYPES.items():
-            timings = {impl: best_seconds(fn, repeats)
-                       for impl, fn in decode_attention(kind, batch, heads, kv_heads, context, dtype).items()}
-            impl = min(timings, key=timings.__getitem__)
-            measured = timings[impl]
-            predicted, kv_bytes = predicted_attention(kind, batch, heads, kv_heads, context, name, hw)
-            rows.append({"attention": kind, "batch": batch, "heads": heads, "kv_heads": kv_heads,
-                         "context": context, "dtype": name, "implementation": impl, "measured_ms": measured * 1e3,
-                         "predicted_ms": predicted * 1e3, "error": predicted / measured - 1,
-                         "achieved_gb_s": kv_bytes / measured / 1e9})
-            print(json.dumps(rows[-1]), flush=True)
-    project = []
-    bench = RESULTS / "helix_attention_cpu.json"
-    if bench.exists():
-        for row in json.loads(bench.read_text())["rows"]:
-            kind, kvp, batch = row["attention"], row["kvp"], row["batch"]
-            heads, kv_heads = 16, (1 if kind == "mla" else 4)
-            share = 1.0 / kvp  # kvp processes share the machine's cores and memory bandwidth
-            local, _ = predicted_attention(kind, batch, heads, kv_heads, row["context"] / kvp, "fp32",
-                                           scaled(hw, share))
-            spec = attention_spec(kind, heads, kv_heads)
-            per_peer = partial_output_bytes(spec, heads / kvp, batch, Precision.uniform("fp32"))
-            gloo = replace(hw, gpus_per_domain=kvp)
-            exchange = float(exchange_time(per_peer, place_group(kvp, 1, kvp), gloo))
-            project.append({"attention": kind, "context": row["context"], "kvp": kvp, "batch": batch,
-                            "measured_local_ms": row["local_ms"], "predicted_local_ms": local * 1e3,
-                            "local_error": local * 1e3 / row["local_ms"] - 1,
-                            "measured_exchange_ms": row["exchange_ms"], "predicted_exchange_ms": exchange * 1e3,
-                            "exchange_error": exchange * 1e3 / row["exchange_ms"] - 1})
-    return {"direct": rows, "project_benchmark": project}
+    for name in twins:
+        for config in long_context.CONFIGS:
+            for layers in DEPTHS:
+                points = [(SHORT_CONTEXT, b) for b in BATCHES for _ in range(REPEATS)]
+                if layers == 2:
+                    points += [(LONG_CONTEXT[name], 1)] * REPEATS
+                label = f"{name}-{layers}l-{config.split()[0].replace('=', '')}"
+                print(f"[calibration] {label}: {sorted(set(points))}", flush=True)
+                started = time.monotonic()
+                result = long_context.run_engine(long_context.twin(name, layers), config, points, True, OUTPUT_LEN,
+                                                 log_dir / f"{label}.log", timeout_s)
+                print(f"  {time.monotonic() - started:.0f}s: {result.get('error') or 'ok'}", flush=True)
+                if "error" in result:
+                    raise SystemExit(f"calibration engine {label} failed: {result['error']} "
+                                     f"(log: {log_dir / f'{label}.log'})")
+                for (context, batch) in sorted(set(points)):
+                    tpots = [p["tpot_ms"] for p in result["points"] if (p["context"], p["batch"]) == (context, batch)]
+                    rows.append({"model": name, "config": config, "layers": layers, "context": context,
+                                 "batch": batch, "tpot_ms": statistics.median(tpots), "samples_ms": tpots})
+    return rows
 
 
-def summarize(rows: list[dict[str, Any]], key: str = "error") -> dict[str, float]:
-    errors = np.array([r[key] for r in rows])
-    return {"mean_abs_error": float(np.mean(np.abs(errors))), "median_error": float(np.median(errors)),
-            "min_error": float(errors.min()), "max_error": float(errors.max())}
+# ------------------------------------------------------------------ part 3: the fit
+ATTENTION_OF_TWIN = {"llama_kv1": "gqa", "deepseek_v3": "mla"}
+TWIN_PRESETS = {"llama_kv1": "tiny-llama-kv1", "deepseek_v3": "tiny-deepseek-v3"}  # the twins' planner specs
 
 
-def write_report(profile: dict[str, Any], memory: dict[str, float], calibration: dict[str, Any]) -> None:
-    direct, project = calibration["direct"], calibration["project_benchmark"]
-    payload = {"profile": profile, "memory_read_bytes_per_s": memory["read_bytes_per_s"],
-               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-                           "date": datetime.date.today().isoformat(), "load_average": list(os.getloadavg())},
-               **calibration, "summary": {"direct": summarize(direct)}}
-    if project:
-        payload["summary"]["project_local"] = summarize(project, "local_error")
-        payload["summary"]["project_exchange"] = summarize(project, "exchange_error")
-    (RESULTS / "calibration.json").write_text(json.dumps(payload, indent=2) + "\n")
-    s = payload["summary"]["direct"]
+def twin_spec(name: str, layers: int) -> ModelSpec:
+    """The planner's spec of a benchmark twin at ``layers`` (its preset equals its config.json; tested)."""
+    return replace(load_model(TWIN_PRESETS[name]), num_layers=layers)
+
+
+def engine_points(rows: list[dict[str, Any]], name: str, config: str) -> list[EnginePoint]:
+    return [EnginePoint(twin_spec(name, r["layers"]), SERVED_LAYOUTS[config], r["context"], r["batch"],
+                        r["tpot_ms"] / 1e3) for r in rows if r["model"] == name and r["config"] == config]
+
+
+def fit(profile: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``calibration`` section: five constants per (attention, engine) from its five points."""
+    hw = hardware_from_dict({k: v for k, v in profile.items() if k != "calibration"}, profile["name"])
+    section: dict[str, Any] = {"source": "benchmarks/results/calibration.json (benchmarks/measure_hardware.py)"}
+    for name, attention in ATTENTION_OF_TWIN.items():
+        for config, layout in SERVED_LAYOUTS.items():
+            points = engine_points(rows, name, config)
+            if points:
+                section.setdefault(attention, {})[engine_of(layout.strategy)] = fit_engine_costs(hw, points).to_yaml()
+    return section
+
+
+def write_profile(path: Path, profile: dict[str, Any], memory: dict[str, float], date: str, machine: str) -> None:
+    header = (
+        f"# Measured by benchmarks/measure_hardware.py on {date}: {machine}, torch {torch.__version__}.\n"
+        "# One 'GPU' is one of two vLLM CPU workers (gpus_per_domain 2); both share this machine.\n"
+        "# memory.bandwidth_gb_s: 256 MiB tensor copy, (read + write bytes) / s, all cores;\n"
+        f"#   streaming read for reference: {memory['read_bytes_per_s'] / 1e9:.1f} GB/s.\n"
+        "# memory.capacity_gb: MemTotal. compute_tflops: square matmuls (fp32 2048, bf16 1024).\n"
+        "# scale_up: vLLM's shm_allreduce between the 2 worker processes (1 KiB and 8 MiB messages).\n"
+        "# calibration: fitted on vLLM engine runs of the twins (benchmarks/results/calibration.md);\n"
+        "#   the planner charges its fixed costs and KV read rates instead of the roofline's attention.\n"
+        "# power.tdp_w: NOT measured; an assumption for the energy model only.\n"
+    )
+    path.write_text(header + yaml.safe_dump(profile, sort_keys=False))
+
+
+def report_lines(payload: dict[str, Any]) -> list[str]:
+    """calibration.md: what was measured, what the fit made of it, and how well it reproduces its own points."""
+    hw = hardware_from_dict(yaml.safe_load((HARDWARE_PRESET_DIR / f"{payload['profile_name']}.yaml").read_text()),
+                            payload["profile_name"])
+    memory, flops, shm = payload["memory"], payload["flops"], payload["shm"]
     lines = [
-        "# Calibration: the planner's decode-attention model against measured CPU timings",
+        "# Calibration: this machine's planner profile, measured and fitted",
         "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{payload['machine']['date']}; 1-minute load average {os.getloadavg()[0]:.1f} at the end (the machine "
-        "is shared, so every time is the best of several runs). "
-        "Reproduce: `.venv/bin/python benchmarks/measure_hardware.py`.",
+        f"Machine: {payload['machine_line']}; {payload['date']}. Profile: "
+        f"`configs/hardware/{payload['profile_name']}.yaml`. Reproduce: "
+        "`.venv/bin/python benchmarks/measure_hardware.py` (or `--fit-only` to refit these timings after a "
+        "cost-model change). The fit never sees the long-context sweep; "
+        "[planner_validation.md](planner_validation.md) predicts it.",
         "",
-        "## The measured profile (`configs/hardware/cpu-2core.yaml`)",
+        "## The machine",
         "",
-        f"- memory: {profile['memory']['bandwidth_gb_s']} GB/s tensor copy (read + write), "
-        f"{memory['read_bytes_per_s'] / 1e9:.1f} GB/s read-only reduction; {profile['memory']['capacity_gb']} GB",
-        "- matmul: " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in profile["compute_tflops"].items()),
-        f"- gloo all-to-all between 2 processes: {profile['scale_up']['latency_us']} us per message, "
-        f"{profile['scale_up']['bandwidth_gb_s']} GB/s per peer",
+        f"- memory: {memory['copy_bytes_per_s'] / 1e9:.1f} GB/s tensor copy (read + write), "
+        f"{memory['read_bytes_per_s'] / 1e9:.1f} GB/s streaming read, all cores",
+        "- matmul: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in flops.items()),
+        *(f"- vLLM `shm_{op.replace('_', '')}` between the two worker processes: "
+          f"{v['latency_s'] * 1e6:.1f} us for 1 KiB, {v['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s at 8 MiB"
+          for op, v in shm.items()),
         "",
-        "## Decode attention, plain torch on the whole machine",
+        "## Engine timings the fit uses",
         "",
-        "Prediction: `roofline(loads.attention_core(...))` on the profile above, i.e. one pass over the KV "
-        "cache or the FLOPs, whichever is slower (what `vllm-helix plan` charges per layer). "
-        "Error = predicted / measured - 1.",
+        "TPOT through vLLM's offline engine (KV filled by `DecodeBenchConnector`, "
+        f"{OUTPUT_LEN} tokens per request), the median of the samples shown.",
         "",
-        "| attention | batch | heads (KV) | context | dtype | faster torch path | measured ms | KV read GB/s "
-        "| predicted ms | error |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| twin | configuration | layers | context | batch | TPOT ms (median) | samples ms | model ms |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
     ]
-    for r in direct:
-        lines.append(f"| {r['attention']} | {r['batch']} | {r['heads']} ({r['kv_heads']}) | {r['context']} | "
-                     f"{r['dtype']} | {r['implementation']} | {r['measured_ms']:.2f} | {r['achieved_gb_s']:.1f} | "
-                     f"{r['predicted_ms']:.2f} | {100 * r['error']:+.0f}% |")
-    lines += ["", f"Mean absolute error {100 * s['mean_abs_error']:.0f}%, median error "
-                  f"{100 * s['median_error']:+.0f}% (range {100 * s['min_error']:+.0f}% to "
-                  f"{100 * s['max_error']:+.0f}%).", ""]
-    if project:
-        p, e = payload["summary"]["project_local"], payload["summary"]["project_exchange"]
-        lines += [
-            "## This project's CPU benchmark (`helix_attention_cpu.json`), per rank",
-            "",
-            "Each of `kvp` processes decodes its `context/kvp`-token shard with the paged torch decoder and "
-            "is predicted with `1/kvp` of the machine's bandwidth and FLOPs; the exchange is predicted by "
-            "`collectives.exchange_time` with the measured gloo latency and bandwidth.",
-            "",
-            "| attention | context | kvp | local measured | local predicted | error | exchange measured "
-            "| exchange predicted | error |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in project:
-            lines.append(f"| {r['attention']} | {r['context']} | {r['kvp']} | {r['measured_local_ms']:.2f} | "
-                         f"{r['predicted_local_ms']:.2f} | {100 * r['local_error']:+.0f}% | "
-                         f"{r['measured_exchange_ms']:.2f} | {r['predicted_exchange_ms']:.2f} | "
-                         f"{100 * r['exchange_error']:+.0f}% |")
-        lines += ["", f"Local attention: mean absolute error {100 * p['mean_abs_error']:.0f}%, median "
-                      f"{100 * p['median_error']:+.0f}%. Exchange: mean absolute error "
-                      f"{100 * e['mean_abs_error']:.0f}%, median {100 * e['median_error']:+.0f}%.", ""]
+    for r in payload["engine"]:
+        point = engine_points([r], r["model"], r["config"])[0]
+        model_ms = float(predicted_step(point, hw).ttl[0]) * 1e3
+        lines.append(f"| {r['model']} | {r['config']} | {r['layers']} | {r['context']:,} | {r['batch']} | "
+                     f"{r['tpot_ms']:.2f} | {', '.join(f'{t:.2f}' for t in r['samples_ms'])} | {model_ms:.2f} |")
     lines += [
-        "## Reading the errors",
         "",
-        "- The model is a roofline at the measured peak: every attention step is charged one pass over its KV "
-        "cache at the tensor-copy rate, or its FLOPs at the matmul rate. torch's CPU decode attention does not "
-        "stream at that rate (the KV read GB/s column): batched matmuls with 4-16 query rows per KV head, a "
-        "softmax pass, bf16 up-conversion to "
-        f"fp32, two threads. So predictions are low, by {max(0.0, -100 * s['max_error']):.0f}% to "
-        f"{-100 * s['min_error']:.0f}% depending on the shape (worst for bf16 MLA, whose torch CPU path "
-        "streams under 1 GB/s), i.e. the model gives a lower bound on time (an upper bound on tokens/s), as "
-        "a roofline must; ratios between layouts that run the same operations are affected far less than "
-        "absolute times. Shapes that are compute-bound on this CPU (fp32 MLA: 2,176 FLOPs per head per "
-        "cached token at ~80 GFLOP/s) land closest.",
-        "- The machine is shared by other jobs; each time is the best of several runs and the profile itself "
-        "moves by tens of percent from run to run (see the load average above).",
-        "- The project's benchmark runs `kvp` processes on 2 cores (oversubscribed at kvp=4), pages its KV "
-        "through block tables, and its exchange figure includes packing and the LSE combine in torch besides "
-        "gloo's TCP loopback transfer, none of which the model's single-message exchange contains; that is why "
-        "the exchange is under-predicted most, and most at kvp=4.",
-        "- On GPUs, fused decode kernels come much closer to the roofline (FlashMLA reports up to 3000 GB/s "
-        "on H800 SXM5, 90% of its 3.35 TB/s); `configs/hardware/*-measured.yaml` hold the copy bandwidth and "
-        "GEMM rate measured on lent H100/H200 machines, for plans that should start from achieved rates.",
+        "'model ms' is the calibrated cost model at the same point: five constants per row group from five "
+        "points, so it reproduces them (a check of the fit, not of the model).",
         "",
+        "## Fitted constants (`calibration:` in the profile)",
+        "",
+        "Per (attention, engine): fixed costs per step, per layer, per sequence and per sequence-layer, and the "
+        "KV bytes per second one rank's decode kernel reads while both ranks read (`vllm`: vLLM's own path, "
+        "what TP runs; `helix`: the plugin's).",
+        "",
+        "| attention | engine | step ms | layer ms | sequence ms | sequence-layer ms | KV read GB/s per rank |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    (RESULTS / "calibration.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    for kind in ("gqa", "mla"):
+        for engine, c in payload["calibration"].get(kind, {}).items():
+            lines.append(f"| {kind} | {engine} | {c['step_ms']:.3f} | {c['layer_ms']:.3f} | {c['sequence_ms']:.3f} "
+                         f"| {c['sequence_layer_ms']:.3f} | {c['kv_read_gb_s']:.2f} |")
+    return lines
+
+
+def write_report(payload: dict[str, Any]) -> None:
+    (RESULTS / "calibration.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / "calibration.md").write_text("\n".join(report_lines(payload)) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes (smoke run)")
+    parser.add_argument("--fit-only", action="store_true",
+                        help="refit the calibration from calibration.json's engine timings (after a cost-model "
+                             "change), keeping the measured machine section")
+    parser.add_argument("--twins", default="llama_kv1,deepseek_v3")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per engine")
+    parser.add_argument("--log-dir", type=Path, default=Path(".cache/calibration"))
     args = parser.parse_args()
-    repeats = 3 if args.quick else 7
-    torch.set_num_threads(os.cpu_count() or 1)
-    memory = measure_memory(repeats)
-    flops = {"fp32": measure_matmul(torch.float32, 2048, repeats),
-             "bf16": measure_matmul(torch.bfloat16, 1024, repeats)}
-    gloo = measure_gloo(50 if args.quick else 200)
-    profile = write_profile(memory, flops, gloo)
-    print(f"wrote {PROFILE}: {json.dumps(profile)}", flush=True)
-    hw = hardware_from_dict(profile, "cpu-2core")
-    write_report(profile, memory, calibrate(hw, args.quick, repeats))
+    if args.fit_only:
+        payload = json.loads((RESULTS / "calibration.json").read_text())
+        path = HARDWARE_PRESET_DIR / f"{payload['profile_name']}.yaml"
+        profile = yaml.safe_load(path.read_text())
+        profile["calibration"] = fit(profile, payload["engine"])
+        write_profile(path, profile, payload["memory"], payload["date"], payload["machine_line"])
+        write_report({**payload, "calibration": profile["calibration"]})
+        print(f"refitted {path}")
+        return
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    memory = measure_memory(7)
+    flops = {"fp32": measure_matmul(torch.float32, 2048, 7), "bf16": measure_matmul(torch.bfloat16, 1024, 7)}
+    shm = measure_shm(200)
+    date, machine = datetime.date.today().isoformat(), describe_machine()
+    name = profile_for(machine)
+    profile: dict[str, Any] = {
+        "name": name,
+        "description": f"{machine_line(machine)}, two vLLM CPU workers, measured and calibrated {date}",
+        "measured": True,
+        "memory": {"capacity_gb": round(memory_total_bytes() / 1e9, 2),
+                   "bandwidth_gb_s": round(memory["copy_bytes_per_s"] / 1e9, 2)},
+        "compute_tflops": {k: round(v / 1e12, 5) for k, v in flops.items()},
+        "scale_up": {"bandwidth_gb_s": round(shm["all_reduce"]["bandwidth_bytes_per_s"] / 1e9, 3),
+                     "latency_us": round(shm["all_reduce"]["latency_s"] * 1e6, 1), "gpus_per_domain": 2},
+        "power": {"tdp_w": 9},
+    }
+    print(json.dumps({"memory": memory, "flops": flops, "shm": shm}), flush=True)
+    rows = engine_runs(args.twins.split(","), args.log_dir, args.timeout)
+    profile["calibration"] = fit(profile, rows)
+    path = HARDWARE_PRESET_DIR / f"{name}.yaml"
+    write_profile(path, profile, memory, date, machine_line(machine))
+    write_report({"date": date, "machine": machine, "machine_line": machine_line(machine), "profile_name": name,
+                  "memory": memory, "flops": flops, "shm": shm, "engine": rows,
+                  "calibration": profile["calibration"]})
+    print(f"wrote {path} and {RESULTS / 'calibration.md'}")
 
 
 if __name__ == "__main__":

@@ -180,8 +180,13 @@ def _energy_rows(name: str, context: int, ttl_ms: float, setups: tuple[tuple[str
 
 
 def calibration_summary() -> dict[str, Any] | None:
-    path = RESULTS / "calibration.json"
-    return json.loads(path.read_text())["summary"] if path.exists() else None
+    """The calibrated CPU planner's score on the held-out long-context sweep (planner_validation.py)."""
+    path = RESULTS / "planner_validation.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return {"profile": result["profile"], **{k: v for k, v in result["summary"].items() if k != "worst_held_out"},
+            "crossovers": len(result["crossovers"])}
 
 
 # ----------------------------------------------------------------------------- report
@@ -275,6 +280,7 @@ def _headlines(report: dict[str, Any]) -> list[str]:
         f"{100 * llama['hopb_loss']:.1f}%; tokens/s/GPU lost at equal tokens/s/user: "
         f"{100 * llama['hopb_throughput_loss']:.1f}% | |",
         "",
+        *_like_for_like(report),
         f"Priced: DeepSeek-R1 {r1['layouts']} layouts x batch sizes = {r1['points']:,} points in "
         f"{r1['seconds']:.2f} s; Llama-3.1-405B {llama['layouts']} layouts, {llama['points']:,} points in "
         f"{llama['seconds']:.2f} s (one CPU core, numpy).",
@@ -307,6 +313,51 @@ def _per_batch(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# The paper's ratios, each with the baseline the paper names and the same metric here (maxima where it says "up to").
+PAPER_CLAIMS: tuple[tuple[str, str, float, str, str], ...] = (
+    ("deepseek-r1", "up to 1.5x lower TTL at fixed batch", 1.5, "best baseline", "ttl_reduction_at_fixed_batch"),
+    ("deepseek-r1", "up to 32x more concurrent users (batch) at the same TTL", 32.0, "best baseline",
+     "batch_gain_at_equal_ttl"),
+    ("llama-3.1-405b", "1.13x maximum interactivity", 1.13, "TP", "max_interactivity_gain"),
+    ("llama-3.1-405b", "4x tokens/s/GPU at the same TTL", 4.0, "TP", "throughput_gain_at_equal_ttl"),
+    ("llama-3.1-405b", "4x batch at the same TTL", 4.0, "TP", "batch_gain_at_equal_ttl"),
+)
+
+
+def like_for_like(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each paper ratio beside this model's same metric against the same baseline, and their quotient."""
+    rows = []
+    for model, claim, paper, baseline, key in PAPER_CLAIMS:
+        ours = report[model]["versus_tp" if baseline == "TP" else "versus_best_baseline"][key]
+        rows.append({"model": model, "claim": claim, "paper": paper, "baseline": baseline, "ours": ours,
+                     "ours_over_paper": ours / paper})
+    return rows
+
+
+def _like_for_like(report: dict[str, Any]) -> list[str]:
+    rows = like_for_like(report)
+    over = [r["ours_over_paper"] for r in rows if r["ours_over_paper"] > 1]
+    under = [r for r in rows if r["ours_over_paper"] <= 1]
+    lines = ["### Like for like", "",
+             "Each ratio the paper reports, against the baseline the paper names (its Llama-3.1-405B gains are "
+             "\"against TP\"; its DeepSeek-R1 gains are against its best baseline configuration), and the same metric "
+             "here: the maximum over batches and budgets where the paper says \"up to\", not a point picked to match.",
+             "", "| model | the paper's claim | baseline | paper | this model | this model / paper |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['claim']} | {r['baseline']} | {_x(r['paper'])} | {_x(r['ours'])} | "
+                     f"{r['ours_over_paper']:.2f} |")
+    text = (f"Like for like this model overshoots {len(over)} of the paper's {len(rows)} ratios, by "
+            f"{min(over):.1f}-{max(over):.1f}x")
+    if under:
+        text += "; it undershoots " + ", ".join(f"{r['model']}'s {r['claim']} ({r['ours_over_paper']:.2f}x)"
+                                                for r in under)
+    lines += ["", text + ". Why, term by term, is in the section on agreement and differences below: a "
+              "datasheet roofline has no fixed per-layer costs, and the 1 us NVLink message latency is an "
+              "assumption (the sensitivity table shows each ratio at 0.5-10 us).", ""]
+    return lines
+
+
 def _sensitivity(report: dict[str, Any]) -> list[str]:
     lines = ["## Sensitivity to the one assumed constant and to the wire format", "",
              "The NVLink message latency is not in any datasheet; the wire format of partial outputs and hidden "
@@ -332,6 +383,8 @@ def _differences(report: dict[str, Any]) -> list[str]:
     ll_rows = {row["latency_us"]: row for row in report["sensitivity"]
                if row["model"] == "llama-3.1-405b" and row["wire"] == "mxfp4"}
     r1_tables = r1["per_batch_ttl_ms"]
+    best_baseline_8 = min(((family, table[8]) for family, table in r1_tables.items()
+                           if not family.startswith("Helix") and table.get(8) is not None), key=lambda item: item[1])
     return [
         "## Where this model agrees with the paper, where it does not, and why",
         "",
@@ -341,18 +394,22 @@ def _differences(report: dict[str, Any]) -> list[str]:
         f"{_x(b1['max_throughput_gain'])} of it); the mechanisms are the paper's: KV duplication caps TP (only {r1['max_sequences_64_gpus']['TP=64']} DeepSeek-R1 and "
         f"{llama['max_sequences_64_gpus']['TP=64']} Llama-405B sequences of 1M tokens fit on TP=64, against "
         f"{r1['max_sequences_64_gpus']['Helix kvp=64']} and {llama['max_sequences_64_gpus']['Helix kvp=8,tpa=8']} "
-        f"with Helix), and Medha pays for its FFN on one TP group. DeepSeek-R1's TTL ratio at batch 1 "
-        f"({_x(b1['ttl_reduction_at_batch_1'])}) matches the paper's 1.5x, and Llama's throughput gain at equal TTL "
-        f"({_x(b2['throughput_gain_at_equal_ttl'])}) is close to its 4x.",
+        f"with Helix), and Medha pays for its FFN on one TP group. The sizes of the gains do not agree: like for "
+        f"like (the table above) the model overshoots the paper's ratios. Two numbers only look close and are "
+        f"not the paper's metric: DeepSeek-R1's TTL ratio at batch 1 ({_x(b1['ttl_reduction_at_batch_1'])}) is one "
+        f"point of a metric the paper reports as a maximum (here {_x(b1['ttl_reduction_at_fixed_batch'])}), and "
+        f"Llama's throughput gain over the best baseline ({_x(b2['throughput_gain_at_equal_ttl'])}) is not the "
+        f"paper's 4x, which is against TP (here {_x(llama['versus_tp']['throughput_gain_at_equal_ttl'])}).",
         "",
         f"**DeepSeek-R1, TTL at fixed batch: up to {_x(b1['ttl_reduction_at_fixed_batch'])} here, 1.5x in the paper.** "
         f"MLA has one KV head, so no baseline can split one sequence's 1M-token latent across GPUs: TP replicates it, "
-        f"PP splits layers but pipelines one micro-batch per stage, DP gives each sequence to one GPU, Medha splits "
+        f"PP splits layers but pipelines one micro-batch per stage, DP gives each sequence to one GPU or TP group "
+        f"(which replicates it), Medha splits "
         f"it only KVP ways with TP replication inside a group. Every baseline therefore has a floor near one "
         f"sequence's full latent read (61 x 1M x 576 x 4.25/8 B = 19.6 GB, 2.45 ms at 8 TB/s) from batch 2 on "
-        f"(best baseline {r1_tables['TP x PP'][8]:.2f} ms at batch 8), while Helix reads 1/64 of it per GPU "
-        f"({r1_tables['Helix'][8]:.2f} ms). At batch 1 Medha's KVP=8 x TP=8 comes close, which is why the batch-1 "
-        f"ratio matches. The paper's figures are normalised and give no per-batch TTLs; a larger per-message cost "
+        f"(best baseline {best_baseline_8[1]:.2f} ms at batch 8, {best_baseline_8[0]}), while Helix reads 1/64 of it "
+        f"per GPU ({r1_tables['Helix'][8]:.2f} ms). At batch 1 Medha's KVP=8 x TP=8 comes close, which is why the "
+        f"batch-1 ratio is small. The paper's figures are normalised and give no per-batch TTLs; a larger per-message cost "
         f"pulls our maximum towards its 1.5x (at 10 us: {_x(r1_rows[10.0]['ttl_reduction_at_fixed_batch'])}), which "
         f"suggests its simulator charges fixed per-layer costs (kernel launches, synchronisation) that this model "
         f"leaves out.",
@@ -436,20 +493,16 @@ def _beyond(report: dict[str, Any]) -> list[str]:
     lines += ["", "### (c) Calibration against this project's measurements", ""]
     calibration = report.get("calibration")
     if calibration is None:
-        lines.append("Not yet run: `.venv/bin/python benchmarks/measure_hardware.py` writes "
-                     "[calibration.md](calibration.md).")
+        lines.append("Not yet run: `.venv/bin/python benchmarks/planner_validation.py` writes "
+                     "[planner_validation.md](planner_validation.md).")
     else:
-        direct = calibration["direct"]
-        lines.append(f"On this project's 2-core CPU machine (profile measured by `benchmarks/measure_hardware.py`), "
-                     f"the planner's per-layer decode-attention time against torch attention timings: mean absolute "
-                     f"error {100 * direct['mean_abs_error']:.0f}%, median {100 * direct['median_error']:+.0f}% "
-                     f"(range {100 * direct['min_error']:+.0f}% to {100 * direct['max_error']:+.0f}%).")
-        if "project_local" in calibration:
-            local, exchange = calibration["project_local"], calibration["project_exchange"]
-            lines.append(f" Against the per-rank numbers of `helix_attention_cpu.json`: local attention "
-                         f"{100 * local['mean_abs_error']:.0f}% mean absolute error, exchange "
-                         f"{100 * exchange['mean_abs_error']:.0f}%.")
-        lines.append(" Details and the reasons in [calibration.md](calibration.md).")
+        lines.append(f"The GB200 numbers above are datasheet rooflines and cannot be measured here. The same cost "
+                     f"model, calibrated on this project's 2-core CPU machine (`configs/hardware/"
+                     f"{calibration['profile']}.yaml`, fitted by `benchmarks/measure_hardware.py`), predicts "
+                     f"{calibration['held_out_within']} of {calibration['held_out']} held-out long-context TPOTs "
+                     f"within 20% (mean absolute error {100 * calibration['mean_abs_error_held_out']:.0f}%) and "
+                     f"{calibration['crossovers_within']} of {calibration['crossovers']} crossover contexts within "
+                     f"25%: [planner_validation.md](planner_validation.md).")
     return lines + [""]
 
 

@@ -8,7 +8,8 @@ capacity and maximum concurrency vLLM reports at start-up. Every server is
 stopped at the end, also on failure. Configurations vLLM refuses at start-up
 (vLLM's own DCP on CPU) are recorded with vLLM's message. Next to the
 measurements it prints what ``vllm-helix plan`` predicts for the same layouts on
-the measured CPU profile (``configs/hardware/cpu-2core.yaml``).
+this machine's profile (``configs/hardware/cpu-<family>-<cores>core.yaml``, written by
+``measure_hardware.py``).
 
 Writes ``benchmarks/results/serve_compare.{json,csv,md,png}``.
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from measure_hardware import profile_for
 from vllm_helix.machine import describe_machine, machine_sentence
 from vllm_helix.server import (Server, ServerError, baseline_engine_kwargs, cpu_env, engine_flags, vllm_command,
                                vllm_failure, vllm_helix_command)
@@ -126,13 +128,13 @@ def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[
 
 def predictions(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """``vllm-helix plan`` on the measured CPU profile for the same layouts, contexts and batches."""
-    rows = []
+    rows, hardware = [], profile_for(describe_machine())
     for twin_name in sorted({r["model"] for r in records}):
         model_preset = str(twin(twin_name))  # the planner reads the twin's own config.json
         for strategy, layout in (("helix", "kvp=2,tpa=1"), ("tp", None)):
             for input_len, batch in args.sweep:
                 command = [sys.executable, "-m", "vllm_helix.cli", "plan", "--model", model_preset,
-                           "--hardware", "cpu-2core", "--context", str(input_len), "--gpus", "2", "--json",
+                           "--hardware", hardware, "--context", str(input_len), "--gpus", "2", "--json",
                            "--batch", str(batch), "--strategies", strategy, "--top", "50"]
                 if layout:
                     command += ["--helix", layout]
@@ -219,7 +221,7 @@ def markdown(payload: dict[str, Any]) -> str:
         for point in points:
             lines.append(f"| {p['model']} | {p['strategy']} | {p['input_len']} | {p['batch']} | {point['layout']} "
                          f"| {point['ttl_ms']:.2f} | {'-' if measured is None else format(measured, '.1f')} |")
-    lines += ["", "Planner commands: `vllm-helix plan --model .cache/twins/<twin> --hardware cpu-2core "
+    lines += ["", f"Planner commands: `vllm-helix plan --model .cache/twins/<twin> --hardware {payload['hardware']} "
               "--context N --gpus 2 --batch B --strategies helix|tp [--helix kvp=2,tpa=1]`."]
     lines += ["", "![Pareto](serve_compare.png)", ""]
     return "\n".join(lines) + "\n"
@@ -393,6 +395,7 @@ def main() -> None:
         records.append(run_config(config, args, args.log_dir))
     payload = {
         "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
+        "hardware": profile_for(describe_machine()),
         "settings": {"sweep": args.sweep, "output_len": args.output_len,
                      "prompts_per_slot": args.prompts_per_slot, "max_model_len": args.max_model_len},
         "records": records, "predictions": predictions(records, args),

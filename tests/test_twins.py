@@ -246,3 +246,12 @@ def test_benchmark_twins_are_built_once_and_reused(tmp_path: Path) -> None:
     stamp = (path / "config.json").stat().st_mtime_ns
     assert benchmark_twin("llama_kv1", tmp_path) == path
     assert (path / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_a_deeper_benchmark_twin_lives_beside_the_default_one(tmp_path: Path) -> None:
+    from vllm_helix.twins import benchmark_twin
+
+    path = benchmark_twin("llama_kv1", tmp_path, layers=4)
+    config = json.loads((path / "config.json").read_text())
+    assert path == tmp_path / "llama_kv1-4l"
+    assert config["num_hidden_layers"] == 4 and config["num_key_value_heads"] == 1

@@ -107,7 +107,7 @@ def make_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = _deepseek_v3_config(layers) if arch == "deepseek_v3" else _llama_config(layers, kv_heads)
+    config = twin_config(arch, layers, kv_heads)
     model = _build_model(config, seed)
     _cast(model, getattr(torch, dtype))
     model.config.dtype = dtype
@@ -121,11 +121,15 @@ def make_tiny_model(
 BENCHMARK_TWINS = {"deepseek_v3": {"arch": "deepseek_v3"}, "llama_kv1": {"arch": "llama", "kv_heads": 1}}
 
 
-def benchmark_twin(name: str, root: str | Path = ".cache/twins") -> Path:
-    """``root/name``, one of :data:`BENCHMARK_TWINS`, built on first use and reused after."""
-    path = Path(root) / name
+def benchmark_twin(name: str, root: str | Path = ".cache/twins", layers: int = 2) -> Path:
+    """``root/name``, one of :data:`BENCHMARK_TWINS`, built on first use and reused after.
+
+    ``layers`` other than the default 2 gives a deeper twin at ``root/name-<layers>l``
+    (the hardware calibration times two depths to separate per-layer from per-step costs).
+    """
+    path = Path(root) / (name if layers == 2 else f"{name}-{layers}l")
     if not (path / "config.json").exists():
-        make_tiny_model(path, **BENCHMARK_TWINS[name])
+        make_tiny_model(path, layers=layers, **BENCHMARK_TWINS[name])
     return path
 
 
@@ -145,6 +149,12 @@ def _validate(arch: str, dtype: str, layers: int, kv_heads: int = 2) -> None:
             f"deepseek_v3 needs layers >= 2 (got {layers}): layer 0 is dense "
             "(first_k_dense_replace=1), so only layers 1.. are MoE layers"
         )
+
+
+def twin_config(arch: str, layers: int = 2, kv_heads: int = 2) -> PretrainedConfig:
+    """The Hugging Face config :func:`make_tiny_model` writes, without building weights (the planner's
+    presets of the twins are checked against it)."""
+    return _deepseek_v3_config(layers) if arch == "deepseek_v3" else _llama_config(layers, kv_heads)
 
 
 def _deepseek_v3_config(layers: int) -> PretrainedConfig:

@@ -70,3 +70,16 @@ def test_the_committed_results_explain_each_llama_miss_from_the_profile() -> Non
     fixed, kernel = long_context.fixed_cost_lines(payload), long_context.kernel_gap_lines(payload)
     assert len(fixed) == 1 and "4K on the Llama twin" in fixed[0]
     assert len(kernel) == 1 and "256K on the Llama twin" in kernel[0] and "as fast in the served setting" in kernel[0]
+
+
+def test_repeated_points_merge_into_their_median_with_every_sample_kept() -> None:
+    def point(context: int, batch: int, tpot: float) -> dict:
+        return {"context": context, "batch": batch, "tpot_ms": tpot, "tpot_ms_per_request": [tpot] * batch,
+                "wall_s": 1.0}
+
+    merged = long_context.merge_repeats([point(4096, 1, 9.0), point(4096, 1, 6.0), point(4096, 1, 7.0),
+                                         point(4096, 8, 20.0), point(4096, 8, 22.0), point(65536, 1, 30.0)])
+    assert [(p["context"], p["batch"], p["tpot_ms"]) for p in merged] == [(4096, 1, 7.0), (4096, 8, 20.0),
+                                                                          (65536, 1, 30.0)]
+    assert merged[0]["samples_ms"] == [9.0, 6.0, 7.0] and merged[0]["wall_s"] == 3.0
+    assert merged[1]["tpot_ms_per_request"] == [20.0] * 8  # the median sample's own per-request times

@@ -39,6 +39,8 @@ def test_serve_commands() -> None:
             == "vllm serve m --tensor-parallel-size 4 --pipeline-parallel-size 2 --enable-expert-parallel")
     assert (Layout("dp_ep", dpa=8, tpf=1, ep=8).serve_command("m")
             == "vllm serve m --data-parallel-size 8 --enable-expert-parallel")
+    assert (Layout("dp_ep", dpa=4, tpa=2, tpf=1, ep=8).serve_command("m")
+            == "vllm serve m --data-parallel-size 4 --tensor-parallel-size 2 --enable-expert-parallel")
     assert Layout("kvp", kvp=2, tpa=4, tpf=4).serve_command("m") is None
     with pytest.raises(PlannerError, match="tpf\\*ep=4 must cover 8 GPUs"):
         Layout("helix", kvp=4, tpa=2, tpf=4)
@@ -124,7 +126,7 @@ def test_default_latency_budget_is_stated_and_falls_back_out_loud(capsys: pytest
     code, out, _ = _plan(capsys, "--model", "llama-3.1-8b", "--hardware", "h100-sxm", "--context", "32K",
                          "--ttl-ms", "fastest", "--json")
     assert code == 0 and json.loads(out)["ttl_budget_ms"] is None
-    code, out, _ = _plan(capsys, "--model", "tiny-llama", "--hardware", "cpu-2core", "--context", "32K",
+    code, out, _ = _plan(capsys, "--model", "tiny-llama", "--hardware", "cpu-epyc-2core", "--context", "32K",
                          "--batch", "64", "--json")
     plan = json.loads(out)
     assert code == 0 and plan["ttl_budget_ms"] is None and plan["best"]["ttl_ms"] > 50

@@ -186,3 +186,15 @@ def test_terms_sum_to_ttl_and_hopb_never_hurts(name: str) -> None:
                 assert np.all(cost.ttl <= plain.ttl * (1 + 1e-12))
                 assert np.all(cost.terms["hopb_hidden"] <= 0)
                 assert np.all(cost.micro_batches <= batches)
+
+
+def test_dp_attention_with_tp_inside_each_group() -> None:
+    """vLLM's --data-parallel-size 2 --tensor-parallel-size 2 --enable-expert-parallel against DP=4."""
+    model, gpu, work = load_model("tiny-deepseek-v3"), load_hardware("h100-sxm"), Workload(8192, BF16)
+    dp4 = step_cost(model, gpu, Layout("dp_ep", dpa=4, tpf=1, ep=4), work, [4])
+    dp2tp2 = step_cost(model, gpu, Layout("dp_ep", dpa=2, tpa=2, tpf=1, ep=4), work, [4])
+    # MLA's one latent KV head is replicated inside a TP group, which holds 2 of the 4 sequences
+    assert dp2tp2.terms["kv_cache"][0] == pytest.approx(2 * dp4.terms["kv_cache"][0], rel=1e-12)
+    assert dp4.terms["all_reduce"][0] == 0.0 < dp2tp2.terms["all_reduce"][0]  # o_proj and dense FFN, over TP=2
+    assert dp2tp2.memory_per_gpu[0] < memory_per_gpu(model, Layout("dp_ep", dpa=4, tpf=1, ep=4), work,
+                                                     np.array([8.0]), gpu)[0]  # half the attention weights

@@ -35,7 +35,7 @@ def test_every_enumerated_layout_is_valid(name: str) -> None:
                 HelixConfig(kvp=layout.kvp, tpa=layout.tpa, tpf=layout.tpf, ep=layout.ep).validate(
                     gpus, helix_shape(model))
                 assert not model.is_mla or layout.tpa == 1
-            elif layout.strategy != "dp_ep":
+            else:
                 assert attention_tp_valid(model, layout.tpa)
 
 
@@ -43,6 +43,8 @@ def test_expected_layouts_are_enumerated() -> None:
     r1, llama, tiny = load_model("deepseek-r1"), load_model("llama-3.1-405b"), load_model("tiny-llama")
     assert Layout("helix", kvp=64, tpa=1, tpf=64, ep=1, hopb=True) in layouts_for(r1, 64)
     assert Layout("dp_ep", dpa=64, tpf=1, ep=64) in layouts_for(r1, 64)
+    assert Layout("dp_ep", dpa=8, tpa=8, tpf=1, ep=64) in layouts_for(r1, 64)  # DP x TP attention, as vLLM serves
+    assert not any(l.strategy == "dp_ep" and l.dpa == 1 for l in layouts_for(r1, 64))  # that is TP + EP
     assert Layout("helix", kvp=8, tpa=8, tpf=64, hopb=True) in layouts_for(llama, 64)
     assert not any(l.strategy == "helix" for l in layouts_for(llama, 72))  # 128 heads do not split 72 ways
     tiny4 = layouts_for(tiny, 4)

@@ -78,6 +78,21 @@ def test_twin_configs_read_like_their_presets() -> None:
     assert llama.total_params == load_model("tiny-llama").total_params
 
 
+@pytest.mark.parametrize("twin, preset", [("llama_kv1", "tiny-llama-kv1"), ("deepseek_v3", "tiny-deepseek-v3")])
+def test_benchmark_twins_read_like_their_presets(twin: str, preset: str) -> None:
+    """The calibration and its validation price the benchmark twins through these presets."""
+    import dataclasses
+
+    from vllm_helix.twins import BENCHMARK_TWINS, twin_config
+
+    config = {**twin_config(**BENCHMARK_TWINS[twin]).to_dict(), "torch_dtype": "float32"}  # what benchmarks build
+    generated = spec_from_hf_config(config, "twin")
+    expected = load_model(preset)
+    for field in dataclasses.fields(expected):
+        if field.name not in ("name", "source", "max_position_embeddings"):
+            assert getattr(generated, field.name) == getattr(expected, field.name), field.name
+
+
 def test_config_json_file_and_directory(tmp_path: Path) -> None:
     model_dir = tmp_path / "my-llama"
     model_dir.mkdir()

@@ -15,8 +15,11 @@ layer. Per layer, on the busiest GPU, the step runs these operations in order:
                                        Medha's broadcast back to every KVP group
 
 then the LM head once per step. Each operation's time is the roofline
-``max(bytes / HBM bandwidth, FLOPs / peak)`` with datasheet constants and nothing
-else: no efficiency factors. Operations do not overlap each other except where
+``max(bytes / HBM bandwidth, FLOPs / peak)`` with the profile's constants and
+nothing else: no efficiency factors. A profile calibrated on vLLM engine runs
+(:mod:`vllm_helix.planner.calibration`) changes two things: step 2 reads the KV
+cache at the measured rate of the layout's kernel instead, and the step pays the
+engine's measured fixed costs (per step, per layer, per sequence). Operations do not overlap each other except where
 HOP-B overlaps the Helix all-to-all with attention. Pipeline parallelism keeps
 ``PP`` micro-batches in flight, so a token takes ``PP`` times the slowest stage.
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_helix.planner import loads
+from vllm_helix.planner.calibration import EngineCosts
 from vllm_helix.planner.collectives import GroupPlacement, all_reduce_time, exchange_time, place_group
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
@@ -52,6 +56,7 @@ TERMS: tuple[str, ...] = (
     "pipeline_send",       # hidden states between pipeline stages
     "hopb_hidden",         # minus what HOP-B hides of the all-to-all
     "pipeline_bubble",     # waiting on the slowest pipeline stage
+    "fixed",               # calibrated profiles only: the engine's measured per-step/layer/sequence costs
 )
 
 
@@ -110,6 +115,20 @@ def roofline(load: OpLoad, hw: HardwareSpec, precision: Precision) -> dict[str, 
     return {"weights": weights, "kv_cache": kv, "compute": np.maximum(0.0, flop_time - weights - kv)}
 
 
+def calibrated_attention(load: OpLoad, prompt_flops: np.ndarray | float, costs: EngineCosts, hw: HardwareSpec,
+                         precision: Precision) -> dict[str, np.ndarray]:
+    """Decode attention at the kernel's measured KV read rate (which already includes its arithmetic);
+    co-located prompt tokens' attention FLOPs stay at the profile's peak."""
+    kv = np.asarray(load.kv_bytes) / costs.kv_read_rate
+    return {"weights": np.zeros_like(kv), "kv_cache": kv,
+            "compute": np.asarray(prompt_flops) / hw.flop_rate(precision.compute) + np.zeros_like(kv)}
+
+
+def _engine_costs(model: ModelSpec, hw: HardwareSpec, layout: Layout) -> EngineCosts:
+    assert hw.calibration is not None
+    return hw.calibration.engine_costs(model.attention, layout.strategy, hw.name)
+
+
 def pipelined_time(compute: np.ndarray, comm_per_micro_batch: np.ndarray, micro_batches: int) -> np.ndarray:
     """Two-stage pipeline of ``m`` micro-batches: compute one while the previous one communicates.
 
@@ -129,10 +148,14 @@ def _add(total: dict[str, np.ndarray], part: dict[str, np.ndarray], times: float
 # ---------------------------------------------------------------- layer model
 def _output_width(layout: Layout) -> int:
     """Ranks splitting ``o_proj`` and the LM head: all of a stage under Helix (heads arrive
-    H/N per rank after the all-to-all), none under DP attention, the TP group otherwise."""
-    if layout.strategy == "helix":
-        return layout.stage_gpus
-    return 1 if layout.strategy == "dp_ep" else layout.tpa
+    H/N per rank after the all-to-all), the (DP group's) TP group otherwise."""
+    return layout.stage_gpus if layout.strategy == "helix" else layout.tpa
+
+
+def _dense_width(layout: Layout) -> int:
+    """Ranks splitting a dense FFN (and MoE shared experts): a DP group's TP ranks under DP
+    attention (each group runs its own tokens), the whole FFN grid otherwise."""
+    return layout.tpa if layout.strategy == "dp_ep" else layout.tpf * layout.ep
 
 
 @dataclass(frozen=True)
@@ -187,8 +210,9 @@ def _layer_cost(model: ModelSpec, hw: HardwareSpec, layout: Layout, work: Worklo
 
     terms: dict[str, np.ndarray] = {}
     _add(terms, roofline(loads.attention_input(model, layout.tpa, tokens, p), hw, p))
-    core = roofline(loads.attention_core(model, layout.tpa, layout.kvp, requests, work.context, p,
-                                         prompt_flops), hw, p)
+    core_load = loads.attention_core(model, layout.tpa, layout.kvp, requests, work.context, p, prompt_flops)
+    core = (roofline(core_load, hw, p) if hw.calibration is None
+            else calibrated_attention(core_load, prompt_flops, _engine_costs(model, hw, layout), hw, p))
     _add(terms, core)
     attention_time = sum(core.values())
 
@@ -205,7 +229,7 @@ def _layer_cost(model: ModelSpec, hw: HardwareSpec, layout: Layout, work: Worklo
     _add(terms, roofline(loads.attention_output(model, place.output_width, tokens, p), hw, p))
     terms["all_reduce"] = all_reduce_time(loads.hidden_bytes(model, tokens, p), place.attention_reduce, hw)
 
-    dense_width = 1 if layout.strategy == "dp_ep" else layout.tpf * layout.ep
+    dense_width = _dense_width(layout)
     if kind == "dense":
         _add(terms, roofline(loads.dense_ffn(model, dense_width, tokens, p), hw, p))
     else:
@@ -217,6 +241,9 @@ def _layer_cost(model: ModelSpec, hw: HardwareSpec, layout: Layout, work: Worklo
     elif kind == "moe":  # each token to its k experts' ranks and back
         per_peer = loads.hidden_bytes(model, tokens * model.experts_per_token / layout.ep, p)
         terms["moe_dispatch"] = 2 * exchange_time(per_peer, place.ffn, hw)
+    else:  # a dense layer of a DP group: all-reduced over the group's TP ranks (nothing at TP=1)
+        terms["all_reduce"] = terms["all_reduce"] + all_reduce_time(loads.hidden_bytes(model, tokens, p),
+                                                                    place.attention_reduce, hw)
     return _LayerCost(terms, attention_time, exchange_bytes)
 
 
@@ -311,7 +338,7 @@ def workspace_bytes(model: ModelSpec, layout: Layout, hw: HardwareSpec, batch: n
     sampler's at two fp32 ``[seqs, vocab]`` buffers (logits, probabilities).
     """
     tokens, seqs = scheduler_limits(hw, layout, batch)
-    dense_width = 1 if layout.strategy == "dp_ep" else layout.tpf * layout.ep
+    dense_width = _dense_width(layout)
     attention = 3.0 * model.num_q_heads / layout.tpa * model.head_dim
     ffn = 3.0 * model.intermediate_size / dense_width
     if model.is_moe:
@@ -333,7 +360,7 @@ def memory_per_gpu(model: ModelSpec, layout: Layout, work: Workload, batch: np.n
     """
     p = work.precision
     requests = np.ceil(np.asarray(batch, dtype=float) / layout.dpa)
-    dense_width = 1 if layout.strategy == "dp_ep" else layout.tpf * layout.ep
+    dense_width = _dense_width(layout)
     worst = np.zeros_like(requests)
     for stage in pipeline_stages(model.layer_kinds(), layout.pp):
         params = sum(loads.attention_input_params(model, layout.tpa)
@@ -384,6 +411,8 @@ def step_cost(model: ModelSpec, hw: HardwareSpec, layout: Layout, work: Workload
     if layout.hopb:
         hidden, micro_batches = _hopb_overlap(layers, counts, micro_batch, place, hw)
         terms["hopb_hidden"] = -hidden
+    if hw.calibration is not None:  # every layer's and the step's fixed costs, once per step
+        terms["fixed"] = _engine_costs(model, hw, layout).fixed(len(kinds), head_tokens)
 
     ttl = sum(terms.values())
     memory = memory_per_gpu(model, layout, work, batch, hw)

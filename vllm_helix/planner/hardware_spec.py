@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from vllm_helix.planner.calibration import Calibration
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.model_spec import CONFIG_ROOT
 from vllm_helix.planner.precision import canonical_dtype, flop_rate_key
@@ -51,6 +52,8 @@ class HardwareSpec:
     # Device memory vLLM's profile run does not see as activations but the GPU holds anyway (CUDA
     # context, NCCL and cuBLAS workspaces, CUDA graphs): an estimate, overridable per profile.
     runtime_reserve: float = DEFAULT_RUNTIME_RESERVE_GB * 1e9
+    # Engine costs fitted on this machine (measured profiles of machines that run vLLM); None: roofline only.
+    calibration: Calibration | None = None
 
     def flop_rate(self, dtype: str) -> float:
         """Dense tensor-core FLOP/s for ``dtype``; raises if the chip has no such rate."""
@@ -72,11 +75,18 @@ class HardwareSpec:
         return self.scale_out
 
     def describe(self) -> str:
-        return (f"{self.name}{' (measured)' if self.measured else ''}: "
+        kind = " (measured, calibrated on vLLM engine runs)" if self.calibration else (
+            " (measured)" if self.measured else "")
+        return (f"{self.name}{kind}: "
                 f"{self.memory_capacity / 1e9:.0f} GB at {self.memory_bandwidth / 1e12:.2f} TB/s, "
-                + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in sorted(self.flops.items()))
+                + ", ".join(f"{k} {_figure(v / 1e12)} TFLOP/s" for k, v in sorted(self.flops.items()))
                 + f", {self.scale_up.bandwidth / 1e9:.0f} GB/s scale-up x {self.gpus_per_domain} GPUs, "
                 f"TDP {self.tdp_watts:.0f} W")
+
+
+def _figure(value: float) -> str:
+    """Whole numbers for GPU-scale figures, three significant digits below 10 (a CPU's 0.287 TFLOP/s)."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.3g}"
 
 
 def preset_names() -> list[str]:
@@ -143,7 +153,7 @@ PROFILE_KEYS: dict[str, tuple[str, ...]] = {
     "scale_out": ("bandwidth_gb_s", "latency_us"),
     "power": ("tdp_w",),
 }
-_TOP_LEVEL_KEYS = ("name", "description", "measured", *PROFILE_KEYS)
+_TOP_LEVEL_KEYS = ("name", "description", "measured", *PROFILE_KEYS, "calibration")
 
 
 def _check_keys(data: Mapping[str, Any], where: str) -> None:
@@ -156,7 +166,7 @@ def _check_keys(data: Mapping[str, Any], where: str) -> None:
             f"hardware profile {where} has unknown key(s) {unknown}, which would be ignored; valid keys: "
             + "; ".join(f"{section}: {', '.join(keys) or 'a number format per key'}"
                         for section, keys in PROFILE_KEYS.items())
-            + f"; top level: {', '.join(_TOP_LEVEL_KEYS[:3])}, base"
+            + f"; top level: {', '.join(_TOP_LEVEL_KEYS[:3])}, calibration, base"
         )
 
 
@@ -183,6 +193,7 @@ def hardware_from_dict(data: Mapping[str, Any], name: str) -> HardwareSpec:
         measured=bool(data.get("measured", False)),
         description=str(data.get("description", "")),
         runtime_reserve=_non_negative(memory, "runtime_reserve_gb", where, DEFAULT_RUNTIME_RESERVE_GB) * 1e9,
+        calibration=Calibration.from_yaml(data["calibration"], where) if "calibration" in data else None,
     )
 
 

@@ -7,7 +7,8 @@ strategy  attention grid                       FFN grid            vLLM spelling
 ========  =========================================================================
 tp        TP = N over heads (KV dup. > KV heads) TPF x EP = N        --tensor-parallel-size
 tp_pp     PP stages, each TP = N/PP             TPF x EP = N/PP     + --pipeline-parallel-size
-dp_ep     DP = N (each rank its own requests)   EP = N              --data-parallel-size --enable-expert-parallel
+dp_ep     DP x TP = N (each DP group its own    EP = N              --data-parallel-size --tensor-parallel-size
+          requests, TP over heads inside)                          --enable-expert-parallel
 kvp       KVP x TPA (Medha: KV split, gathered  TPF x EP = TPA      (none: a baseline only)
           back to one TP group for the FFN)     (one group works)
 helix     KVP x TPA, all-to-all over KVP        TPF x EP = N        vllm-helix serve --helix ...
@@ -97,7 +98,7 @@ class Layout:
         attention = {
             "tp": f"tp={self.tpa}",
             "tp_pp": f"tp={self.tpa},pp={self.pp}",
-            "dp_ep": f"dp={self.dpa}",
+            "dp_ep": f"dp={self.dpa}" + (f",tp={self.tpa}" if self.tpa > 1 else ""),
             "kvp": f"kvp={self.kvp},tp={self.tpa}",
             "helix": f"kvp={self.kvp},tpa={self.tpa}",
         }[self.strategy]
@@ -120,7 +121,8 @@ class Layout:
             return (f"vllm serve {model_ref} --tensor-parallel-size {self.tpa} "
                     f"--pipeline-parallel-size {self.pp}{expert_flag}")
         if self.strategy == "dp_ep":
-            return f"vllm serve {model_ref} --data-parallel-size {self.dpa} --enable-expert-parallel"
+            tp = f" --tensor-parallel-size {self.tpa}" if self.tpa > 1 else ""
+            return f"vllm serve {model_ref} --data-parallel-size {self.dpa}{tp} --enable-expert-parallel"
         return None
 
 
@@ -191,7 +193,12 @@ def layouts_for(model: ModelSpec, gpus: int, strategies: tuple[str, ...] = STRAT
             if 2 <= pp <= model.num_layers and attention_tp_valid(model, tp):
                 found += [Layout("tp_pp", tpa=tp, pp=pp, tpf=f, ep=e) for f, e in vllm_ffn_grids(model, tp)]
     if "dp_ep" in strategies and model.is_moe and gpus >= 2 and model.num_experts % gpus == 0:
-        found.append(Layout("dp_ep", dpa=gpus, tpf=1, ep=gpus))
+        # vLLM's DP attention takes TP inside each DP group; its MoE is then EP over all DP x TP ranks
+        # (FusedMoEParallelConfig: all-EP or all-TP, never a mixed grid, so baselines get no TPF x EP grid).
+        for tp in _divisors(gpus):
+            dp = gpus // tp
+            if dp >= 2 and attention_tp_valid(model, tp) and _dense_ffn_splits(model, tp):
+                found.append(Layout("dp_ep", dpa=dp, tpa=tp, tpf=1, ep=gpus))
     if "kvp" in strategies:
         for tpa in _divisors(gpus):
             kvp = gpus // tpa

@@ -1,0 +1,230 @@
+"""Does the calibrated planner predict the long-context sweep it never saw?
+
+``measure_hardware.py`` fits this machine's profile on its own engine runs (4K
+tokens at two depths and two batch sizes, and one long context). This script
+prices every point of ``long_context.json`` (TP=2 and Helix kvp=2, both twins, 4K
+to 2M tokens, batch 1 and 8: another run, on other days' noise) with
+``vllm-helix plan``'s cost model on that profile and compares:
+
+* every TPOT: error = predicted / measured - 1. Points at the fit's own (context,
+  batch) pairs are marked 'fit context' (same shape, independent run); the others
+  are held out and must land within 20%;
+* the crossover context where Helix starts to win (measured: log-linear between
+  the sweep's points, as ``long_context.md`` does; predicted: where the model's
+  ratio crosses 1), within 25%.
+
+Writes ``benchmarks/results/planner_validation.{json,md,png}``;
+``tests/benchmarks/test_planner_validation.py`` recomputes it from the committed
+profile and sweep, so a cost-model change that breaks the fit goes red.
+
+    .venv/bin/python benchmarks/planner_validation.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import long_context
+from measure_hardware import LONG_CONTEXT, SHORT_CONTEXT, BATCHES, profile_for, twin_spec
+from vllm_helix.machine import machine_line
+from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, predicted_step
+from vllm_helix.planner.hardware_spec import HardwareSpec, load_hardware
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TPOT_TOLERANCE, CROSSOVER_TOLERANCE = 0.20, 0.25
+
+
+def predicted_tpot_ms(hw: HardwareSpec, model: str, config: str, context: int, batch: int) -> float:
+    point = EnginePoint(twin_spec(model, 2), SERVED_LAYOUTS[config], context, batch, tpot=0.0)
+    return float(predicted_step(point, hw).ttl[0]) * 1e3
+
+
+def predicted_crossover(hw: HardwareSpec, model: str, batch: int, low: int, high: int) -> float | None:
+    """Context in [low, high] where the model's Helix/TP ratio crosses 1 (bisection in log context)."""
+    def ratio(context: float) -> float:
+        c = int(round(context))
+        return (predicted_tpot_ms(hw, model, "Helix kvp=2", c, batch)
+                / predicted_tpot_ms(hw, model, "TP=2", c, batch))
+
+    if ratio(low) < 1.0:
+        return float(low)  # wins from the shortest context on, as long_context.crossover reports it
+    if ratio(high) >= 1.0:
+        return None
+    a, b = math.log(low), math.log(high)
+    for _ in range(40):
+        middle = (a + b) / 2
+        a, b = (middle, b) if ratio(math.exp(middle)) >= 1.0 else (a, middle)
+    return math.exp((a + b) / 2)
+
+
+def crossover_range(sweep: dict[str, Any], model: str, batch: int) -> list[float | None]:
+    """The crossover the sweep's own repeats allow: from the ratios most (fastest Helix sample over
+    slowest TP sample) to least favourable to Helix at each context (points timed once count as is).
+    ``None`` as the upper end: even the least favourable samples never cross within the sweep."""
+    tp, helix = (next(r for r in sweep["records"] if r["model"] == model and r["config"] == config)
+                 for config in ("TP=2", "Helix kvp=2"))
+    best, worst = [], []
+    for context in sweep["settings"]["contexts"]:
+        a, b = (next((p for p in record["points"] if (p["context"], p["batch"]) == (context, batch)
+                      and "tpot_ms" in p), None) for record in (helix, tp))
+        if a and b:
+            h, t = a.get("samples_ms", [a["tpot_ms"]]), b.get("samples_ms", [b["tpot_ms"]])
+            best.append((context, min(h) / max(t)))
+            worst.append((context, max(h) / min(t)))
+    return [long_context.crossover(best), long_context.crossover(worst)]
+
+
+def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
+    """Every measured point priced, errors, and crossovers, against the tolerances."""
+    rows = []
+    for record in sweep["records"]:
+        fit_pairs = {(SHORT_CONTEXT, b) for b in BATCHES} | {(LONG_CONTEXT[record["model"]], 1)}
+        for point in record["points"]:
+            if "tpot_ms" not in point:
+                continue
+            predicted = predicted_tpot_ms(hw, record["model"], record["config"], point["context"], point["batch"])
+            rows.append({"model": record["model"], "config": record["config"], "context": point["context"],
+                         "batch": point["batch"], "measured_ms": point["tpot_ms"],
+                         "samples_ms": point.get("samples_ms", [point["tpot_ms"]]), "predicted_ms": predicted,
+                         "error": predicted / point["tpot_ms"] - 1.0,
+                         "role": "fit context" if (point["context"], point["batch"]) in fit_pairs else "held out"})
+    crossovers = []
+    for model in sorted({r["model"] for r in sweep["records"]}):
+        for batch in sweep["settings"]["batches"]:
+            pairs = long_context.ratios(sweep, model, batch)
+            measured = long_context.crossover(pairs)
+            if measured is None or len(pairs) < 2:
+                continue
+            predicted = predicted_crossover(hw, model, batch, pairs[0][0], pairs[-1][0])
+            floor = measured == pairs[0][0]  # measured: Helix wins from the shortest context on
+            error = (None if predicted is None else
+                     0.0 if floor and predicted <= measured else predicted / measured - 1.0)
+            crossovers.append({"model": model, "batch": batch, "measured": measured, "predicted": predicted,
+                               "at_shortest_context": floor, "error": error,
+                               "measured_range": crossover_range(sweep, model, batch)})
+    held = [r for r in rows if r["role"] == "held out"]
+    worst = max(held, key=lambda r: abs(r["error"])) if held else None
+    return {"profile": hw.name, "sweep_machine": sweep["machine"], "sweep_date": sweep["date"], "rows": rows,
+            "crossovers": crossovers,
+            "summary": {"held_out": len(held),
+                        "held_out_within": sum(abs(r["error"]) <= TPOT_TOLERANCE for r in held),
+                        "mean_abs_error_held_out": sum(abs(r["error"]) for r in held) / max(1, len(held)),
+                        "worst_held_out": worst,
+                        "crossovers_within": sum(c["error"] is not None and abs(c["error"]) <= CROSSOVER_TOLERANCE
+                                                 for c in crossovers)}}
+
+
+def _tokens(n: float | None) -> str:
+    return "-" if n is None else long_context._tokens(n)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    lines = [
+        "# The planner against the long-context sweep it was not fitted on",
+        "",
+        f"Profile `configs/hardware/{result['profile']}.yaml` (fitted by `benchmarks/measure_hardware.py`, "
+        f"[calibration.md](calibration.md)) against `long_context.json` ({result['sweep_date']}, "
+        f"{machine_line(result['sweep_machine'])}). Predicted = `vllm-helix plan`'s cost model "
+        "(`vllm_helix.planner.cost.step_cost`) for the same twin, layout, context and batch; error = predicted / "
+        f"measured - 1. Held-out points must be within {TPOT_TOLERANCE:.0%}, crossovers within "
+        f"{CROSSOVER_TOLERANCE:.0%}. Reproduce: `.venv/bin/python benchmarks/planner_validation.py`.",
+        "",
+        f"**Held out: {s['held_out_within']} of {s['held_out']} TPOTs within {TPOT_TOLERANCE:.0%}** (mean absolute "
+        f"error {s['mean_abs_error_held_out']:.1%}); **crossovers: {s['crossovers_within']} of "
+        f"{len(result['crossovers'])} within {CROSSOVER_TOLERANCE:.0%}**.",
+        "",
+        "| twin | configuration | context | batch | measured ms | predicted ms | error | point |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['config']} | {r['context']:,} | {r['batch']} | {r['measured_ms']:.1f} | "
+                     f"{r['predicted_ms']:.1f} | {r['error']:+.1%} | {r['role']} |")
+    lines += ["", "## Crossover: the context from which Helix kvp=2 decodes faster than TP=2", "",
+              "Measured from the sweep's medians (log-linear between points, as long_context.md); the range is what "
+              "the sweep's own repeated samples allow (most to least favourable to Helix; '-' as the upper end: the "
+              "least favourable samples never cross). '<=' means Helix already wins at the shortest context.", "",
+              "| twin | batch | measured | range over samples | predicted | error |", "|---|---:|---:|---|---:|---:|"]
+    for c in result["crossovers"]:
+        measured = ("<= " if c["at_shortest_context"] else "~") + _tokens(c["measured"])
+        low, high = c["measured_range"]
+        error = "-" if c["error"] is None else f"{c['error']:+.0%}"
+        lines.append(f"| {c['model']} | {c['batch']} | {measured} | {_tokens(low)} to {_tokens(high)} | "
+                     f"{_tokens(c['predicted'])} | {error} |")
+    lines += ["", "## Reading", ""]
+    misses = [r for r in result["rows"] if r["role"] == "held out" and abs(r["error"]) > TPOT_TOLERANCE]
+    for r in misses:
+        lines.append(f"- Miss: {r['model']} {r['config']} at {r['context']:,} tokens, batch {r['batch']}: "
+                     f"{r['error']:+.0%} (measured {r['measured_ms']:.1f} ms, samples "
+                     f"{', '.join(f'{v:.1f}' for v in r.get('samples_ms', [r['measured_ms']]))}).")
+    tp64 = next((r for r in result["rows"] if (r["model"], r["config"], r["context"], r["batch"])
+                 == ("llama_kv1", "TP=2", 65536, 1)), None)
+    lines += [
+        "- Where the misses come from: one engine's repeated samples of a point agree within ~10-20%, but the same "
+        "point moves by 30-40% between engine instances and runs of the same code on this VM. The Llama twin's "
+        "TP=2 64K TPOT was 18.4-20.5 ms in the sweeps of commits 5463c55 and 4dd5c48"
+        + (f" and {tp64['measured_ms']:.1f} ms in this one" if tp64 else "")
+        + "; the DeepSeek twin's Helix decode (torch's flash kernel, which gathers scattered blocks first) depends "
+        "on where vLLM's allocator put each request's blocks. A model of bytes and fixed costs cannot predict which "
+        "engine instance it meets; the fit and the sweep are separate engine instances by design.",
+        "- The crossover is the context where two such curves meet, so its error is the difference of two noisy "
+        "fixed costs divided by a small slope: on the Llama twin the two layouts are within ~10% of each other from "
+        "4K to 64K, and the measured crossover ranges over a decade within the sweep's own samples.",
+        "",
+        "![predicted against measured TPOT](planner_validation.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    markers = {"llama_kv1": "o", "deepseek_v3": "s"}
+    colors = {"TP=2": "tab:blue", "Helix kvp=2": "tab:red"}
+    for r in result["rows"]:
+        ax.scatter(r["measured_ms"], r["predicted_ms"], marker=markers.get(r["model"], "o"),
+                   color=colors[r["config"]], facecolors="none" if r["role"] == "fit context" else colors[r["config"]])
+    values = [v for r in result["rows"] for v in (r["measured_ms"], r["predicted_ms"])]
+    low, high = min(values) / 1.3, max(values) * 1.3
+    ax.plot([low, high], [low, high], color="black", linewidth=1)
+    for factor in (1 - TPOT_TOLERANCE, 1 + TPOT_TOLERANCE):
+        ax.plot([low, high], [low * factor, high * factor], color="grey", linestyle="--", linewidth=0.8)
+    for model, marker in markers.items():
+        for config, color in colors.items():
+            ax.scatter([], [], marker=marker, color=color, label=f"{model}, {config}")
+    ax.scatter([], [], marker="o", color="grey", facecolors="none", label="fit context (independent run)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("measured TPOT ms (long_context.json)")
+    ax.set_ylabel("predicted TPOT ms (vllm-helix plan's cost model)")
+    ax.set_title(f"Planner on {result['profile']}: dashed = +/-{TPOT_TOLERANCE:.0%}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compute() -> dict[str, Any]:
+    sweep = json.loads((RESULTS / "long_context.json").read_text())
+    return validate(sweep, load_hardware(profile_for(sweep["machine"])))
+
+
+def main() -> None:
+    result = compute()
+    (RESULTS / "planner_validation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "planner_validation.md").write_text(markdown(result))
+    plot(result, RESULTS / "planner_validation.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
