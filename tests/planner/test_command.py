@@ -191,3 +191,14 @@ def test_disaggregation_section(capsys: pytest.CaptureFixture[str]) -> None:
                          "--context", "16K", "--ttl-ms", "30", "--isl", "16K", "--osl", "2K", "--rate", "5")
     assert code == 0
     assert "Disaggregated serving of ISL 16384 / OSL 2048 at 5 req/s" in out and "prefill:decode =" in out
+
+
+def test_a_calibrated_profile_warns_when_it_prices_a_layout_it_did_not_measure(capsys: pytest.CaptureFixture[str]) -> None:
+    common = ("--model", "tiny-llama-kv1", "--hardware", "cpu-xeon-2core", "--context", "256K", "--batch", "1",
+              "--json")
+    code, out, _ = _plan(capsys, *common, "--gpus", "2")
+    plan = json.loads(out)
+    assert code == 0 and plan["best"]["gpus"] == 1  # one worker, priced with two workers' constants
+    assert any("an extrapolation its validation does not cover" in w for w in plan["warnings"])
+    code, out, _ = _plan(capsys, *common, "--helix", "kvp=2,tpa=1")
+    assert code == 0 and not any("extrapolation" in w for w in json.loads(out)["warnings"])

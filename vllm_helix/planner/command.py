@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vllm_helix.planner.disagg import DisaggregationPlan
     from vllm_helix.planner.hardware_spec import HardwareSpec
+    from vllm_helix.planner.layouts import Layout
     from vllm_helix.planner.model_spec import ModelSpec
     from vllm_helix.planner.recommend import PlanPoint
     from vllm_helix.planner.search import SearchResult
@@ -123,6 +124,23 @@ class Plan:
         return self.model.source or self.model.name
 
 
+def calibration_warning(hardware: HardwareSpec, layout: Layout) -> str | None:
+    """Say so when a calibrated profile prices a layout unlike the engines it was fitted on.
+
+    ``measure_hardware.py`` fits its constants on TP and Helix engines spanning one
+    domain (two CPU workers); other widths, PP, DP attention and Medha reuse the
+    ``vllm`` engine's constants measured there, which the validation does not cover.
+    """
+    if hardware.calibration is None:
+        return None
+    if (layout.strategy in ("tp", "helix") and layout.gpus == hardware.gpus_per_domain and layout.pp == 1
+            and layout.dpa == 1):
+        return None
+    return (f"{hardware.name} is calibrated on {hardware.gpus_per_domain}-rank TP and Helix engines; the recommended "
+            f"{layout.family} {layout.describe()} on {layout.gpus} GPU(s) is priced with their constants, an "
+            f"extrapolation its validation does not cover")
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Resolve the inputs, price the layouts, pick the answer (raises PlannerError/HelixConfigError)."""
     import numpy as np
@@ -179,6 +197,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         mix = TrafficMix(parse_tokens(args.isl), parse_tokens(args.osl), args.rate)
         disaggregation = plan_disaggregation(model, hardware, precision, mix, ttl_budget, gpus, strategies, batches,
                                              args.gpu_memory_utilization)
+    extrapolated = calibration_warning(hardware, best.layout)
+    if extrapolated:
+        warnings.append(extrapolated)
     seconds = time.perf_counter() - started  # the search itself, before the sensitivity re-pricing
     sensitivity = ()
     if not args.helix and "helix" in strategies and set(SERVABLE_BASELINES) & set(strategies):

@@ -19,8 +19,8 @@ then the LM head once per step. Each operation's time is the roofline
 nothing else: no efficiency factors. A profile calibrated on vLLM engine runs
 (:mod:`vllm_helix.planner.calibration`) changes two things: step 2 reads the KV
 cache at the measured rate of the layout's kernel instead, and the step pays the
-engine's measured fixed costs (per step, per layer, per sequence). Operations do not overlap each other except where
-HOP-B overlaps the Helix all-to-all with attention. Pipeline parallelism keeps
+engine's measured fixed costs (per step, per layer, per sequence). Operations do
+not overlap each other except where HOP-B overlaps the Helix all-to-all with attention. Pipeline parallelism keeps
 ``PP`` micro-batches in flight, so a token takes ``PP`` times the slowest stage.
 
 All arrays are over batch sizes, so one call prices a layout for every batch.
