@@ -25,34 +25,19 @@ import logging
 import os
 from typing import Any
 
-from vllm_helix.config import HelixConfig, HelixConfigError, ModelShape
+from vllm_helix.config import ADDITIONAL_CONFIG_KEY, HelixConfig, HelixConfigError, ModelShape, from_additional_config
 
 from patches_free_hooks.compat import HelixStartupError, check_supported_version, internal
 from patches_free_hooks.cuda_attention import plan_cuda_attention
 
 logger = logging.getLogger("vllm.helix")  # under vLLM's logger: same handlers and format
 
-HELIX_KEY = "helix"
 _INSTALLED_MARK = "_vllm_helix_wrapped"
 
 # vLLM's CPU backends: MLA decodes with block_size 16 (forced by the CPU platform),
 # everything else defaults to 128-token blocks.
 _CPU_MLA_BLOCK_SIZE = 16
 _CPU_DEFAULT_BLOCK_SIZE = 128
-
-
-def helix_from_additional_config(additional_config: Any) -> HelixConfig | None:
-    """The Helix layout asked for in ``additional_config`` (dict or JSON string), if any."""
-    if not additional_config:
-        return None
-    if isinstance(additional_config, str):
-        additional_config = json.loads(additional_config)
-    if not isinstance(additional_config, dict) or HELIX_KEY not in additional_config:
-        return None
-    options = additional_config[HELIX_KEY]
-    if isinstance(options, str):
-        return HelixConfig.parse(options)
-    return HelixConfig.from_dict(options)
 
 
 def model_shape(model_config: Any, block_size: int) -> ModelShape:
@@ -293,7 +278,7 @@ def apply_helix(args: Any) -> HelixConfig | None:
     Returns the layout with ``stripe`` resolved, or ``None`` when Helix is off.
     """
     try:
-        helix = helix_from_additional_config(args.additional_config)
+        helix = from_additional_config(args.additional_config)
     except (HelixConfigError, json.JSONDecodeError) as err:
         raise HelixStartupError(f"invalid helix option in --additional-config: {err}") from None
     if helix is None:
@@ -312,7 +297,7 @@ def apply_helix(args: Any) -> HelixConfig | None:
     args.tensor_parallel_size = resolved.world_size
     args.decode_context_parallel_size = resolved.kvp
     args.cp_kv_cache_interleave_size = stripe
-    args.additional_config = {**dict(args.additional_config), HELIX_KEY: resolved.to_dict()}
+    args.additional_config = {**dict(args.additional_config), ADDITIONAL_CONFIG_KEY: resolved.to_dict()}
     _bind_one_core_range_per_worker(resolved.world_size)
     logger.info(
         "vllm-helix: %s -> tensor_parallel_size=%d, decode_context_parallel_size=%d, "

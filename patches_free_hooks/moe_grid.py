@@ -6,7 +6,8 @@ with ``--enable-expert-parallel``, every rank holds whole experts
 (``tp_size = 1, ep_size = N``). Helix wants both at once: rank ``r`` holds the
 experts of EP group ``r // tpf`` and the ``1/tpf`` slice ``r % tpf`` of their
 intermediate dimension, so each rank holds ``1/N`` of the routed-expert weights
-(``vllm_helix.moe_grid.GridShard`` is the same arithmetic in plain torch).
+(``vllm_helix.moe_grid.grid_position``, which the plain-torch reference
+``GridShard`` also uses).
 
 Everything else vLLM already does right for that grid, which is why two small
 hooks suffice:
@@ -51,8 +52,8 @@ from typing import Any
 import torch
 
 from patches_free_hooks.compat import HelixStartupError, internal
-from patches_free_hooks.engine_config import helix_from_additional_config
-from vllm_helix.config import HelixConfig
+from vllm_helix.config import HelixConfig, from_additional_config
+from vllm_helix.moe_grid import grid_position
 
 logger = logging.getLogger("vllm.helix")  # under vLLM's logger: same handlers and format
 
@@ -70,7 +71,7 @@ def helix_grid() -> HelixConfig | None:
     vllm_config = internal("vllm.config:get_current_vllm_config_or_none")()
     if vllm_config is None:
         return None
-    helix = helix_from_additional_config(vllm_config.additional_config)
+    helix = from_additional_config(vllm_config.additional_config)
     return helix if helix is not None and helix.ep > 1 else None
 
 
@@ -92,10 +93,9 @@ def grid_parallel_config(config: Any, helix: HelixConfig) -> Any:
             f"and drop those options"
         )
     rank = config.tp_rank
-    grid = dataclasses.replace(
-        config, tp_size=helix.tpf, tp_rank=rank % helix.tpf, ep_size=helix.ep,
-        ep_rank=rank // helix.tpf, use_ep=True,
-    )
+    tpf_rank, ep_rank = grid_position(rank, helix.tpf, helix.ep)
+    grid = dataclasses.replace(config, tp_size=helix.tpf, tp_rank=tpf_rank, ep_size=helix.ep, ep_rank=ep_rank,
+                               use_ep=True)
     if "parallel" not in _logged:
         _logged.add("parallel")
         logger.info("Helix MoE grid active: tpf=%d x ep=%d, rank %d is TPF rank %d of EP group %d",

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_helix.attention import KVPExchange
-from vllm_helix.config import HelixConfig
+from vllm_helix.config import HelixConfig, from_additional_config
 from vllm_helix.striping import KVStriping
 
 from patches_free_hooks.compat import HelixStartupError, internal
 from patches_free_hooks.cpu_collectives import enable_shared_memory_all_gather
-from patches_free_hooks.engine_config import helix_from_additional_config
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def helix_runtime(vllm_config: Any | None = None) -> HelixRuntime | None:
     key = id(vllm_config)
     if key in _CACHE:
         return _CACHE[key]
-    helix = helix_from_additional_config(vllm_config.additional_config)
+    helix = from_additional_config(vllm_config.additional_config)
     runtime = None
     if helix is not None:
         parallel = vllm_config.parallel_config

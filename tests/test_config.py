@@ -113,3 +113,16 @@ def test_suggested_world_sizes_fit_the_machine():
         HelixConfig(kvp=8).validate(8, shape)
     with pytest.raises(HelixConfigError, match=r"use a world size in \[2, 3\]"):
         HelixConfig(kvp=8).validate(8, shape, max_world_size=3)
+
+
+def test_the_layout_is_read_from_vllms_additional_config_in_every_spelling() -> None:
+    from vllm_helix.config import from_additional_config
+
+    expected = HelixConfig(kvp=2, tpa=1)
+    assert from_additional_config({"helix": {"kvp": 2, "tpa": 1}}) == expected
+    assert from_additional_config('{"helix": "kvp=2,tpa=1"}') == expected  # JSON string, CLI spelling inside
+    assert from_additional_config({"helix": "kvp=2,tpa=1", "other": 1}) == expected
+    for absent in (None, {}, "", {"other": {"kvp": 2}}, "[]"):
+        assert from_additional_config(absent) is None
+    with pytest.raises(HelixConfigError):
+        from_additional_config({"helix": {"kvp": 0}})

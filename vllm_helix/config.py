@@ -15,6 +15,7 @@ the violated constraint, the offending values and a layout that would work.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -236,3 +237,24 @@ class HelixConfig:
                 f"{_divisors(model.block_size)}"
             )
         return self
+
+
+ADDITIONAL_CONFIG_KEY = "helix"  # where vLLM's ``additional_config`` carries the layout
+
+
+def from_additional_config(additional_config: Any) -> HelixConfig | None:
+    """The Helix layout asked for in vLLM's ``additional_config`` (dict or JSON string), if any.
+
+    Pure parsing (no vLLM): the engine hook, the worker runtime and the MoE grid
+    hook all read the request through this one function.
+    """
+    if not additional_config:
+        return None
+    if isinstance(additional_config, str):
+        additional_config = json.loads(additional_config)
+    if not isinstance(additional_config, dict) or ADDITIONAL_CONFIG_KEY not in additional_config:
+        return None
+    options = additional_config[ADDITIONAL_CONFIG_KEY]
+    if isinstance(options, str):
+        return HelixConfig.parse(options)
+    return HelixConfig.from_dict(options)

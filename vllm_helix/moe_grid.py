@@ -28,6 +28,17 @@ import torch
 import torch.nn.functional as F
 
 
+def grid_position(rank: int, tpf: int, ep: int) -> tuple[int, int]:
+    """``(tpf_rank, ep_rank)`` of ``rank`` in a ``tpf x ep`` grid: EP groups of ``tpf`` consecutive ranks.
+
+    The one statement of the placement: :class:`GridShard` (the reference) and the
+    vLLM hook (``patches_free_hooks.moe_grid``) both ask it.
+    """
+    if not 0 <= rank < tpf * ep:
+        raise ValueError(f"rank {rank} is outside a tpf={tpf} x ep={ep} grid")
+    return rank % tpf, rank // tpf
+
+
 @dataclass(frozen=True)
 class GridShard:
     """What rank ``rank`` of a ``tpf x ep`` grid holds of a MoE layer."""
@@ -39,8 +50,7 @@ class GridShard:
     intermediate_size: int
 
     def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.tpf * self.ep:
-            raise ValueError(f"rank {self.rank} is outside a tpf={self.tpf} x ep={self.ep} grid")
+        grid_position(self.rank, self.tpf, self.ep)
         if self.num_experts % self.ep:
             raise ValueError(f"ep={self.ep} must divide the {self.num_experts} experts")
         if self.intermediate_size % self.tpf:
@@ -49,12 +59,12 @@ class GridShard:
     @property
     def tpf_rank(self) -> int:
         """Position inside the EP group: which intermediate slice this rank holds."""
-        return self.rank % self.tpf
+        return grid_position(self.rank, self.tpf, self.ep)[0]
 
     @property
     def ep_rank(self) -> int:
         """EP group of this rank: which block of experts it holds."""
-        return self.rank // self.tpf
+        return grid_position(self.rank, self.tpf, self.ep)[1]
 
     @property
     def experts(self) -> range:

@@ -12,8 +12,9 @@ the GQA twin has fewer KV heads than a plausible TP width so KV-head replication
 paths get exercised. Everything is seeded, so the same arguments give the same
 bytes, and tests can share a twin by path instead of by download.
 
-``transformers`` and ``tokenizers`` are imported inside functions so that
-``vllm-helix --help`` stays instant.
+``transformers`` and ``tokenizers`` (``pip install vllm-helix[twins]``; vLLM
+installs them too) are imported inside functions so that ``vllm-helix --help``
+stays instant and a core-only install imports.
 """
 
 from __future__ import annotations
