@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import re
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -48,7 +47,7 @@ import yaml
 
 import long_context  # benchmarks/ is on the path when this runs as a script
 from vllm_helix.machine import describe_machine, machine_line
-from vllm_helix.planner.calibration import engine_of
+from vllm_helix.planner.calibration import attention_of, engine_of
 from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, fit_engine_costs, predicted_step
 from vllm_helix.planner.hardware_spec import HARDWARE_PRESET_DIR, hardware_from_dict
 from vllm_helix.planner.model_spec import ModelSpec, load_model
@@ -166,15 +165,14 @@ def engine_runs(twins: list[str], log_dir: Path, timeout_s: float) -> list[dict[
                 if "error" in result:
                     raise SystemExit(f"calibration engine {label} failed: {result['error']} "
                                      f"(log: {log_dir / f'{label}.log'})")
-                for (context, batch) in sorted(set(points)):
-                    tpots = [p["tpot_ms"] for p in result["points"] if (p["context"], p["batch"]) == (context, batch)]
-                    rows.append({"model": name, "config": config, "layers": layers, "context": context,
-                                 "batch": batch, "tpot_ms": statistics.median(tpots), "samples_ms": tpots})
+                rows += [{"model": name, "config": config, "layers": layers, "context": p["context"],
+                          "batch": p["batch"], "tpot_ms": p["tpot_ms"], "samples_ms": p["samples_ms"]}
+                         for p in sorted(long_context.merge_repeats(result["points"]),
+                                         key=lambda p: (p["context"], p["batch"]))]
     return rows
 
 
 # ------------------------------------------------------------------ part 3: the fit
-ATTENTION_OF_TWIN = {"llama_kv1": "gqa", "deepseek_v3": "mla"}
 TWIN_PRESETS = {"llama_kv1": "tiny-llama-kv1", "deepseek_v3": "tiny-deepseek-v3"}  # the twins' planner specs
 
 
@@ -192,7 +190,8 @@ def fit(profile: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``calibration`` section: five constants per (attention, engine) from its five points."""
     hw = hardware_from_dict({k: v for k, v in profile.items() if k != "calibration"}, profile["name"])
     section: dict[str, Any] = {"source": "benchmarks/results/calibration.json (benchmarks/measure_hardware.py)"}
-    for name, attention in ATTENTION_OF_TWIN.items():
+    for name in TWIN_PRESETS:
+        attention = attention_of(twin_spec(name, 2).attention)
         for config, layout in SERVED_LAYOUTS.items():
             points = engine_points(rows, name, config)
             if points:

@@ -185,8 +185,7 @@ def calibration_summary() -> dict[str, Any] | None:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    return {"profile": result["profile"], **{k: v for k, v in result["summary"].items() if k != "worst_held_out"},
-            "crossovers": len(result["crossovers"])}
+    return {"profile": result["profile"], **result["summary"], "crossovers": len(result["crossovers"])}
 
 
 # ----------------------------------------------------------------------------- report

@@ -64,13 +64,11 @@ def crossover_range(sweep: dict[str, Any], model: str, batch: int) -> list[float
     """The crossover the sweep's own repeats allow: from the ratios most (fastest Helix sample over
     slowest TP sample) to least favourable to Helix at each context (points timed once count as is).
     ``None`` as the upper end: even the least favourable samples never cross within the sweep."""
-    tp, helix = (next(r for r in sweep["records"] if r["model"] == model and r["config"] == config)
-                 for config in ("TP=2", "Helix kvp=2"))
+    tp, helix = long_context._records(sweep, model)
     best, worst = [], []
     for context in sweep["settings"]["contexts"]:
-        a, b = (next((p for p in record["points"] if (p["context"], p["batch"]) == (context, batch)
-                      and "tpot_ms" in p), None) for record in (helix, tp))
-        if a and b:
+        a, b = long_context._point(helix, context, batch), long_context._point(tp, context, batch)
+        if a and b and "tpot_ms" in a and "tpot_ms" in b:
             h, t = a.get("samples_ms", [a["tpot_ms"]]), b.get("samples_ms", [b["tpot_ms"]])
             best.append((context, min(h) / max(t)))
             worst.append((context, max(h) / min(t)))
@@ -106,13 +104,11 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
                                "at_shortest_context": floor, "error": error,
                                "measured_range": crossover_range(sweep, model, batch)})
     held = [r for r in rows if r["role"] == "held out"]
-    worst = max(held, key=lambda r: abs(r["error"])) if held else None
     return {"profile": hw.name, "sweep_machine": sweep["machine"], "sweep_date": sweep["date"], "rows": rows,
             "crossovers": crossovers,
             "summary": {"held_out": len(held),
                         "held_out_within": sum(abs(r["error"]) <= TPOT_TOLERANCE for r in held),
                         "mean_abs_error_held_out": sum(abs(r["error"]) for r in held) / max(1, len(held)),
-                        "worst_held_out": worst,
                         "crossovers_within": sum(c["error"] is not None and abs(c["error"]) <= CROSSOVER_TOLERANCE
                                                  for c in crossovers)}}
 
@@ -159,7 +155,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in misses:
         lines.append(f"- Miss: {r['model']} {r['config']} at {r['context']:,} tokens, batch {r['batch']}: "
                      f"{r['error']:+.0%} (measured {r['measured_ms']:.1f} ms, samples "
-                     f"{', '.join(f'{v:.1f}' for v in r.get('samples_ms', [r['measured_ms']]))}).")
+                     f"{', '.join(f'{v:.1f}' for v in r['samples_ms'])}).")
     tp64 = next((r for r in result["rows"] if (r["model"], r["config"], r["context"], r["batch"])
                  == ("llama_kv1", "TP=2", 65536, 1)), None)
     lines += [
