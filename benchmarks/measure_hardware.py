@@ -11,8 +11,8 @@ Part 2, the engine: decode TPOT of both benchmark twins (the Llama twin with one
 head, GQA; the DeepSeek-V3 twin, MLA) under TP=2 and Helix kvp=2, through vLLM's
 offline engine exactly as ``long_context.py`` runs them (``run_engine``, KV filled
 by vLLM's ``DecodeBenchConnector``): at 4K tokens with batch 1 and 8 on twins of 2
-and 4 layers, and at a long context (batch 1, 2 layers); each point five times,
-the median kept.
+and 4 layers, and at a long context (batch 1, 2 layers); each point five times
+per engine, the 4K points in three fresh engines, the median of all samples kept.
 
 Part 3, the fit: for each (engine: vLLM's own or Helix's, attention: GQA or MLA)
 the five constants of :mod:`vllm_helix.planner.calibration` (per-step, per-layer,
@@ -26,7 +26,7 @@ Writes ``configs/hardware/<name>.yaml`` (the profile the planner reads; ``<name>
 from the CPU, e.g. ``cpu-xeon-2core``) and ``benchmarks/results/calibration.{json,md}``
 (the raw engine timings and the fitted constants, no second copy of the profile).
 
-    .venv/bin/python benchmarks/measure_hardware.py              # ~20 min on 2 cores
+    .venv/bin/python benchmarks/measure_hardware.py              # ~45 min on 2 cores
     .venv/bin/python benchmarks/measure_hardware.py --fit-only   # refit from calibration.json
 """
 
@@ -146,9 +146,10 @@ def measure_shm(repeats: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ part 2: the engine
-def engine_runs(twins: list[str], log_dir: Path, timeout_s: float) -> list[dict[str, Any]]:
+def engine_runs(twins: list[str], log_dir: Path, timeout_s: float, instances: int) -> list[dict[str, Any]]:
     """Raw TPOTs: for each twin and configuration, a 2-layer engine (4K points and the long one)
-    and a 4-layer engine (4K points)."""
+    and a 4-layer engine (4K points); the 4K points again in ``instances - 1`` fresh engines
+    (``long_context.more_instances``: the sweep the fit is judged on pools instances the same way)."""
     rows = []
     for name in twins:
         for config in long_context.CONFIGS:
@@ -159,15 +160,20 @@ def engine_runs(twins: list[str], log_dir: Path, timeout_s: float) -> list[dict[
                 label = f"{name}-{layers}l-{config.split()[0].replace('=', '')}"
                 print(f"[calibration] {label}: {sorted(set(points))}", flush=True)
                 started = time.monotonic()
-                result = long_context.run_engine(long_context.twin(name, layers), config, points, True, OUTPUT_LEN,
+                model = long_context.twin(name, layers)
+                result = long_context.run_engine(model, config, points, True, OUTPUT_LEN,
                                                  log_dir / f"{label}.log", timeout_s)
                 print(f"  {time.monotonic() - started:.0f}s: {result.get('error') or 'ok'}", flush=True)
                 if "error" in result:
                     raise SystemExit(f"calibration engine {label} failed: {result['error']} "
                                      f"(log: {log_dir / f'{label}.log'})")
+                samples = result["points"] + long_context.more_instances(
+                    model, config, [(SHORT_CONTEXT, b) for b in BATCHES], True, OUTPUT_LEN,
+                    log_dir / f"{label}.log", timeout_s, instances, REPEATS)
                 rows += [{"model": name, "config": config, "layers": layers, "context": p["context"],
-                          "batch": p["batch"], "tpot_ms": p["tpot_ms"], "samples_ms": p["samples_ms"]}
-                         for p in sorted(long_context.merge_repeats(result["points"]),
+                          "batch": p["batch"], "tpot_ms": p["tpot_ms"], "samples_ms": p["samples_ms"],
+                          "instances": p["instances"]}
+                         for p in sorted(long_context.merge_repeats(samples),
                                          key=lambda p: (p["context"], p["batch"]))]
     return rows
 
@@ -283,6 +289,8 @@ def main() -> None:
                              "change), keeping the measured machine section")
     parser.add_argument("--twins", default="llama_kv1,deepseek_v3")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per engine")
+    parser.add_argument("--instances", type=int, default=3,
+                        help="fresh engines that time the 4K points (samples pooled; the long point runs in one)")
     parser.add_argument("--log-dir", type=Path, default=Path(".cache/calibration"))
     args = parser.parse_args()
     if args.fit_only:
@@ -312,7 +320,7 @@ def main() -> None:
         "power": {"tdp_w": 9},
     }
     print(json.dumps({"memory": memory, "flops": flops, "shm": shm}), flush=True)
-    rows = engine_runs(args.twins.split(","), args.log_dir, args.timeout)
+    rows = engine_runs(args.twins.split(","), args.log_dir, args.timeout, args.instances)
     profile["calibration"] = fit(profile, rows)
     path = HARDWARE_PRESET_DIR / f"{name}.yaml"
     write_profile(path, profile, memory, date, machine_line(machine))
