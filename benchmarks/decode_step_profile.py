@@ -168,7 +168,7 @@ def grouped(ops_ms: dict[str, float]) -> dict[str, float]:
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    from vllm_helix.machine import machine_sentence
+    from vllm_helix.harness.machine import machine_sentence
 
     m = payload["machine"]
     lines = [
@@ -262,7 +262,7 @@ def main() -> None:
     if args.render_only:
         payload = json.loads((RESULTS / "decode_step_profile.json").read_text())
     else:
-        from vllm_helix.machine import describe_machine
+        from vllm_helix.harness.machine import describe_machine
 
         started = time.monotonic()
         rows = []

@@ -87,7 +87,7 @@ def _worker(spec: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver side
 def twin(name: str, layers: int = 2) -> Path:
     """The twin, built once, with ``max_position_embeddings`` raised to MAX_POSITIONS."""
-    from vllm_helix.twins import benchmark_twin
+    from vllm_helix.commands.twins import benchmark_twin
 
     config_path = benchmark_twin(name, layers=layers) / "config.json"
     config = json.loads(config_path.read_text())
@@ -98,7 +98,7 @@ def twin(name: str, layers: int = 2) -> Path:
 
 
 def llm_kwargs(model: Path, config: str, max_model_len: int, fill: bool) -> dict[str, Any]:
-    from vllm_helix.server import baseline_engine_kwargs
+    from vllm_helix.harness.server import baseline_engine_kwargs
 
     kwargs: dict[str, Any] = {"model": str(model), "enforce_eager": True, "seed": 0, "max_model_len": max_model_len,
                               "max_num_seqs": 8, "disable_log_stats": False, "tensor_parallel_size": 2}
@@ -121,7 +121,7 @@ def run_engine(model: Path, config: str, points: list[tuple[int, int]], fill: bo
     ``profile_steps`` > 0 decodes the last point's context once more under vLLM's profiler
     (``extra_llm_kwargs`` then carries the ``profiler_config``).
     """
-    from vllm_helix.server import cpu_env, kv_cache_tokens, vllm_failure
+    from vllm_helix.harness.server import cpu_env, kv_cache_tokens, vllm_failure
 
     max_len = max(context for context, _ in points) + output_len + 16
     with tempfile.TemporaryDirectory() as tmp:
@@ -382,7 +382,7 @@ def kernel_gap_lines(payload: dict[str, Any]) -> list[str]:
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    from vllm_helix.machine import machine_sentence
+    from vllm_helix.harness.machine import machine_sentence
 
     m, s = payload["machine"], payload["settings"]
     lines = [
@@ -539,7 +539,7 @@ def main() -> None:
         parser.error(f"--repeats {args.repeats} --instances {args.instances}: time each point at least once")
     args.contexts = _ints(args.contexts, parser, "--contexts")
     args.batches = _ints(args.batches, parser, "--batches")
-    from vllm_helix.machine import describe_machine
+    from vllm_helix.harness.machine import describe_machine
 
     started = time.monotonic()
     records = [measure(model, config, args) for model in args.models.split(",") for config in CONFIGS]

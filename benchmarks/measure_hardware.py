@@ -46,12 +46,12 @@ import torch
 import yaml
 
 import long_context  # benchmarks/ is on the path when this runs as a script
-from vllm_helix.machine import describe_machine, machine_line
+from vllm_helix.harness.machine import describe_machine, machine_line
 from vllm_helix.planner.calibration import attention_of, engine_of
 from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, fit_engine_costs, predicted_step
 from vllm_helix.planner.hardware_spec import HARDWARE_PRESET_DIR, hardware_from_dict
 from vllm_helix.planner.model_spec import ModelSpec, load_model
-from vllm_helix.spawn import run_ranks
+from vllm_helix.harness.spawn import run_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMALL_MESSAGE, LARGE_MESSAGE = 1024, 8 * 2**20  # bytes

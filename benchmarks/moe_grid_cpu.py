@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_helix.machine import describe_machine, machine_line, median_seconds
+from vllm_helix.harness.machine import describe_machine, machine_line, median_seconds
 from vllm_helix.moe_grid import GridShard
 
 RESULTS = Path(__file__).parent / "results"

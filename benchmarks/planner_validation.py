@@ -29,7 +29,7 @@ from typing import Any
 
 import long_context
 from measure_hardware import LONG_CONTEXT, SHORT_CONTEXT, BATCHES, profile_for, twin_spec
-from vllm_helix.machine import machine_line
+from vllm_helix.harness.machine import machine_line
 from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, predicted_step
 from vllm_helix.planner.hardware_spec import HardwareSpec, load_hardware
 

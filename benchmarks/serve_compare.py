@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from measure_hardware import profile_for
-from vllm_helix.machine import describe_machine, machine_sentence
-from vllm_helix.server import (Server, ServerError, baseline_engine_kwargs, cpu_env, engine_flags, vllm_command,
+from vllm_helix.harness.machine import describe_machine, machine_sentence
+from vllm_helix.harness.server import (Server, ServerError, baseline_engine_kwargs, cpu_env, engine_flags, vllm_command,
                                vllm_failure, vllm_helix_command)
-from vllm_helix.twins import benchmark_twin as twin
+from vllm_helix.commands.twins import benchmark_twin as twin
 
 RESULTS = Path(__file__).parent / "results"
 # vLLM's CPU rotary kernel is wrong for MLA (docs/cpu-determinism.md); all MLA servers use PyTorch's.
@@ -133,7 +133,7 @@ def predictions(records: list[dict[str, Any]], args: argparse.Namespace) -> list
         model_preset = str(twin(twin_name))  # the planner reads the twin's own config.json
         for strategy, layout in (("helix", "kvp=2,tpa=1"), ("tp", None)):
             for input_len, batch in args.sweep:
-                command = [sys.executable, "-m", "vllm_helix.cli", "plan", "--model", model_preset,
+                command = [sys.executable, "-m", "vllm_helix.commands.cli", "plan", "--model", model_preset,
                            "--hardware", hardware, "--context", str(input_len), "--gpus", "2", "--json",
                            "--batch", str(batch), "--strategies", strategy, "--top", "50"]
                 if layout:

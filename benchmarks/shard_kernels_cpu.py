@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from vllm_helix.attention import paged_decode_mla, paged_extend
-from vllm_helix.machine import describe_machine, machine_sentence
+from vllm_helix.harness.machine import describe_machine, machine_sentence
 
 RESULTS = Path(__file__).parent / "results"
 HEADS, HEAD_DIM, LATENT, KV_LORA_RANK = 8, 64, 576, 512

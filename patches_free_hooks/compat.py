@@ -1,8 +1,8 @@
 """Which vLLM versions the plugin supports, and the vLLM internals it leans on.
 
 This is the module that knows where things live inside vLLM. Adapters import
-vLLM internals through :func:`internal` (the exceptions, stable public imports such
-as ``vllm.platforms``, are listed in ``docs/vllm-touchpoints.md``), so a rename in a future
+vLLM internals through :func:`internal` (the exceptions are the modules in
+:data:`DIRECT_IMPORTS`, each with its reason), so a rename in a future
 vLLM fails here, at start-up, with a message naming the symbol and the
 supported versions, instead of as an ``AttributeError`` in the middle of a
 request. ``tests/patches_free_hooks/test_compat.py`` resolves every entry of
@@ -22,6 +22,15 @@ from vllm_helix.config import HelixConfigError
 SUPPORTED_VERSIONS = ">=0.32,<0.34"
 _MIN = (0, 32)
 _MAX_EXCLUSIVE = (0, 34)
+
+# The only vLLM modules imported directly rather than through internal(); a test keeps this
+# list equal to the imports in patches_free_hooks/ (docs/vllm-touchpoints.md, "not touch-points").
+DIRECT_IMPORTS: dict[str, str] = {
+    "vllm": "__version__, read before anything else could be resolved (the version window)",
+    "vllm.platforms": "current_platform, vLLM's public platform object (is_cpu, is_cuda, capability)",
+    "vllm.engine.arg_utils": "EngineArgs, after its create_engine_config was resolved through internal()",
+    "vllm.entrypoints.cli.main": "vLLM's own CLI entry point, run by the launcher shim (T19)",
+}
 
 # Every vLLM symbol the plugin touches: "module:attr.attr".
 INTERNALS: tuple[str, ...] = (

@@ -67,6 +67,13 @@ class CudaBackend:
         """vLLM's own default for the backend: 16 where accepted, else its smallest size."""
         return 16 if self.accepts_block(16) else min(self.block_sizes)
 
+    def head_rule(self) -> str:
+        """``in [64, 128, 256, 512]``, or ``multiples of 8 up to 256`` for a long arithmetic run."""
+        sizes = list(self.head_sizes)
+        if len(sizes) > 4 and sizes == list(range(sizes[0], sizes[-1] + 1, sizes[0])):
+            return f"multiples of {sizes[0]} up to {sizes[-1]}"
+        return f"in {sizes}"
+
     def block_rule(self) -> str:
         sizes = " or ".join(str(size) for size in self.block_sizes or (16,))
         return f"block sizes that are multiples of {sizes}"
@@ -78,7 +85,8 @@ class CudaBackend:
 BACKENDS: tuple[CudaBackend, ...] = (
     CudaBackend("FLASHINFER", mla=False, capabilities=((8, 0), (12, 1)), block_sizes=(16, 32, 64),
                 head_sizes=(64, 128, 256, 512), source="v1/attention/backends/flashinfer.py"),
-    CudaBackend("FLASH_ATTN", mla=False, capabilities=((8, 0), (99, 99)),
+    # FlashAttention: multiples of 8 up to 256 (FA4 alone goes to 512; the table stays on the safe side).
+    CudaBackend("FLASH_ATTN", mla=False, capabilities=((8, 0), (99, 99)), head_sizes=tuple(range(8, 257, 8)),
                 source="v1/attention/backends/flash_attn.py"),
     CudaBackend("FLASHINFER_MLA", mla=True, capabilities=((10, 0), (10, 99)), block_sizes=(32, 64),
                 head_sizes=(64, 128, 192), interleave_one=True,
@@ -157,7 +165,7 @@ def _problem(backend: CudaBackend, capability: Capability, head_size: int, block
         return f"runs on compute capability {lo_major}.{lo_minor}{upper}, not {capability[0]}.{capability[1]}"
     if not backend.accepts_head(head_size):
         what = "qk_nope_head_dim" if backend.mla else "head size"
-        return f"takes {what} in {list(backend.head_sizes)}, the model has {head_size}"
+        return f"takes {what} {backend.head_rule()}, the model has {head_size}"
     if block_size is not None and not backend.accepts_block(block_size):
         return (f"takes {backend.block_rule()}, not --block-size {block_size}; pass --block-size "
                 f"{backend.preferred_block()} or drop it")

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_helix.server import baseline_engine_kwargs
+from vllm_helix.harness.server import baseline_engine_kwargs
 
 # Env vars every run needs on the 2-core CPU machines (see /work/shared/NOTES-vllm.md).
 BASE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 def _default_twin(arch: str) -> Path:
     """Build (once) the float32 seed-0 twin; twins are deterministic, so reuse is safe."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vllm_helix.twins import make_tiny_model
+    from vllm_helix.commands.twins import make_tiny_model
 
     path = Path(tempfile.gettempdir()) / f"helix-noise-twin-{arch}-f32"
     if not (path / "model.safetensors").exists():

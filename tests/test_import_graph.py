@@ -7,6 +7,7 @@ neither can be read, tested or moved without the other.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +82,60 @@ def test_the_core_does_not_import_vllm() -> None:
                 assert not any(a.name.split(".")[0] == "vllm" for a in node.names), path
             elif isinstance(node, ast.ImportFrom) and node.module:
                 assert node.module.split(".")[0] != "vllm", path
+
+
+def _part(module: str) -> str:
+    """Which part of the tree a module belongs to (the map at the top of docs/design.md)."""
+    for part in ("vllm_helix.commands", "vllm_helix.harness", "vllm_helix.planner"):
+        if module == part or module.startswith(part + "."):
+            return part
+    return "patches_free_hooks" if module.startswith("patches_free_hooks") else "vllm_helix core"
+
+
+# What each part may import besides itself: the core imports no other part; the planner and
+# the harness sit on the core; the commands on all three; the vLLM hooks on the core only.
+MAY_IMPORT = {
+    "vllm_helix core": set(),
+    "vllm_helix.planner": {"vllm_helix core"},
+    "vllm_helix.harness": {"vllm_helix core"},
+    "vllm_helix.commands": {"vllm_helix core", "vllm_helix.planner", "vllm_helix.harness"},
+    "patches_free_hooks": {"vllm_helix core"},
+}
+
+
+def test_each_part_imports_only_the_parts_below_it() -> None:
+    wrong = sorted(f"{a} -> {b}" for a, targets in _graph().items() for b in targets
+                   if _part(b) != _part(a) and _part(b) not in MAY_IMPORT[_part(a)])
+    assert not wrong, wrong
+
+
+def test_the_part_rule_sees_a_wrong_edge() -> None:
+    assert _part("vllm_helix.striping") == "vllm_helix core"
+    assert _part("vllm_helix.commands.cli") == "vllm_helix.commands"
+    assert "vllm_helix.commands" not in MAY_IMPORT[_part("vllm_helix.attention.exchange")]
+
+
+def _modules_on_disk() -> set[str]:
+    return {p.name for package in PACKAGES for p in (ROOT / package).rglob("*.py") if p.name != "__init__.py"}
+
+
+def _subpackages() -> set[str]:
+    return {f"{p.parent.relative_to(ROOT)}/" for package in PACKAGES for p in (ROOT / package).rglob("__init__.py")}
+
+
+def test_the_design_map_names_every_module_and_only_modules_that_exist() -> None:
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text[text.index("## Map of the tree"):].split("```text\n", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"\w+\.py", block))
+    assert _modules_on_disk() - named == set(), "modules missing from docs/design.md's map"
+    assert named - _modules_on_disk() == set(), "docs/design.md's map names modules that do not exist"
+    folders = {line.strip() for line in block.splitlines() if line.strip().endswith("/") or "/ " in line}
+    for subpackage in _subpackages():
+        assert any(f.split()[0] == subpackage.rsplit("/", 2)[-2] + "/" for f in folders), subpackage
+
+
+def test_the_readme_layout_names_every_subpackage() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Layout of the repository"):]
+    missing = {s for s in _subpackages() if f"`{s}`" not in section}
+    assert not missing, f"README's layout section does not name {sorted(missing)}"

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from vllm_helix.moe_grid import GridShard, moe_reference
-from vllm_helix.spawn import run_ranks
+from vllm_helix.harness.spawn import run_ranks
 
 E, H, I, TOP_K = 8, 64, 128, 2
 LAYOUTS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (tpf, ep) at N = 2 and N = 4

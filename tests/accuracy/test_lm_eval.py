@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from vllm_helix.config import HelixConfig
-from vllm_helix.server import Server, baseline_serve_args, cpu_env, vllm_command, vllm_helix_command
+from vllm_helix.harness.server import Server, baseline_serve_args, cpu_env, vllm_command, vllm_helix_command
 
 # task -> (lm-eval metric key, its standard-error key)
 TASKS = {

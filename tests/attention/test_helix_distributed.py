@@ -23,7 +23,7 @@ from vllm_helix.attention.synthetic import (
     reference_attention,
     run_helix_cases,
 )
-from vllm_helix.spawn import run_ranks
+from vllm_helix.harness.spawn import run_ranks
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 GQA_SHAPES = [(8, 8), (8, 4), (16, 2)]  # (query heads, KV heads): ratios 1, 2, 8

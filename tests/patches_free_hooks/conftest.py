@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_helix.server import baseline_attention_backend, baseline_engine_kwargs, cpu_env, kv_cache_tokens
-from vllm_helix.twins import make_tiny_model
+from vllm_helix.harness.server import baseline_attention_backend, baseline_engine_kwargs, cpu_env, kv_cache_tokens
+from vllm_helix.commands.twins import make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
 
     Returns the driver's JSON plus ``log`` (vLLM's output) and ``kv`` (its KV-capacity report).
     A run without Helix gets the attention backend vLLM can run for its dtype on this CPU
-    (:func:`vllm_helix.server.baseline_attention_backend`) unless the test names one.
+    (:func:`vllm_helix.harness.server.baseline_attention_backend`) unless the test names one.
     """
     root = tmp_path_factory.mktemp("generate")
     counter = iter(range(10**6))
@@ -81,7 +81,7 @@ def assert_mla_backend() -> Callable[[dict[str, Any], Path, str, bool], None]:
     """``assert_mla_backend(run, model, dtype, helix)``: the MLA backend vLLM logged is the intended one.
 
     Helix runs on the plugin's ``CPU_MLA``; a run without Helix on the backend that
-    :func:`vllm_helix.server.baseline_attention_backend` decides for its dtype and CPU
+    :func:`vllm_helix.harness.server.baseline_attention_backend` decides for its dtype and CPU
     (``AMX_MLA`` for bf16 on AMX CPUs). GQA has one CPU backend, selected without a log line.
     """
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 vllm = pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
@@ -35,3 +38,16 @@ def test_a_moved_internal_is_named_in_the_error(monkeypatch: pytest.MonkeyPatch)
 def test_undeclared_internals_cannot_be_used() -> None:
     with pytest.raises(KeyError, match="not declared"):
         compat.internal("vllm.config:VllmConfig")
+
+
+def test_direct_vllm_imports_are_exactly_the_declared_exceptions() -> None:
+    hooks = Path(compat.__file__).parent
+    imported = set()
+    for path in hooks.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            imported |= {name for name in names if name.split(".")[0] == "vllm"}
+    assert imported == set(compat.DIRECT_IMPORTS)
+    catalogue = (hooks.parent / "docs" / "vllm-touchpoints.md").read_text()
+    assert all(f"`{module}`" in catalogue for module in compat.DIRECT_IMPORTS)

@@ -7,6 +7,9 @@ that changes one of them goes red.
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
 from patches_free_hooks.compat import HelixStartupError
@@ -64,6 +67,8 @@ def test_user_block_size_and_stripe_steer_the_default_away_from_backends_that_re
          r"FLASHINFER_MLA: runs on compute capability 10.0 to 10.x, not 9.0"),
         ({"mla": False, "capability": HOPPER, "named": "FLASHINFER", "head_size": 96},
          r"FLASHINFER: takes head size in \[64, 128, 256, 512\], the model has 96"),
+        ({"mla": False, "capability": HOPPER, "named": "FLASH_ATTN", "head_size": 100},
+         r"FLASH_ATTN: takes head size multiples of 8 up to 256, the model has 100"),
         ({"mla": False, "capability": HOPPER, "named": "FLASH_ATTN_MLA"},
          r"FLASH_ATTN_MLA cannot run Helix's shards for this GQA model.*\(FLASHINFER, FLASH_ATTN\)"),
         ({"mla": False, "capability": HOPPER, "named": "TRITON_ATTN"},
@@ -107,8 +112,50 @@ def test_table_agrees_with_every_vllm_class_that_imports_on_cpu() -> None:
         assert cls.get_impl_cls().supports_dcp and cls.get_impl_cls().can_return_lse_for_decode, backend.name
         for size in (8, 16, 24, 32, 48, 64, 96, 128, 256):
             assert backend.accepts_block(size) == cls.supports_block_size(size), (backend.name, size)
+        if not backend.mla:  # (MLA classes check the 576-dim latent; the table checks qk_nope_head_dim)
+            for head_size in (*range(8, 600, 8), 12, 100, 132):
+                assert backend.accepts_head(head_size) == cls.supports_head_size(head_size), (backend.name, head_size)
         for capability in ((7, 5), (8, 0), (8, 9), (9, 0), (10, 0), (12, 0)):
             # The table may be narrower (dense FlashMLA runs on Hopper only: vllm ops/flashmla.py),
             # never wider than what the class accepts.
             if backend.runs_on(capability):
                 assert cls.supports_compute_capability(DeviceCapability(*capability)), (backend.name, capability)
+
+
+def _source_tree(backend) -> ast.Module:
+    """The backend's vLLM module, parsed (not imported: most need CUDA to import)."""
+    root = Path(vllm.__file__).parent
+    return ast.parse((root / backend.source.split()[0]).read_text())
+
+
+def _head_size_rule(backend, tree: ast.Module) -> tuple[int, ...]:
+    """What vLLM's source restricts: GQA ``get_supported_head_sizes()``'s literal; MLA a
+    ``qk_nope_head_dim not in [...]`` check (every MLA backend takes the 576-dim latent)."""
+    for node in ast.walk(tree):
+        if not backend.mla and isinstance(node, ast.FunctionDef) and node.name == "get_supported_head_sizes":
+            returned = next(n for n in ast.walk(node) if isinstance(n, ast.Return))
+            return tuple(ast.literal_eval(returned.value))
+        if (backend.mla and isinstance(node, ast.Compare) and isinstance(node.left, ast.Name)
+                and node.left.id == "qk_nope_head_dim" and isinstance(node.ops[0], ast.NotIn)):
+            return tuple(ast.literal_eval(node.comparators[0]))
+    return ()
+
+
+def _needs_interleave_one(tree: ast.Module) -> bool:
+    """A ``<...interleave...> != 1`` check in vLLM's source (FlashInfer-MLA's metadata builder)."""
+    return any(isinstance(node, ast.Compare) and isinstance(node.ops[0], ast.NotEq)
+               and "interleave" in ast.unparse(node.left)
+               and isinstance(node.comparators[0], ast.Constant) and node.comparators[0].value == 1
+               for node in ast.walk(tree))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_head_size_and_stripe_rules_match_vllms_source(backend) -> None:
+    """The rules the class test above cannot reach (the classes need CUDA to import), read from the source."""
+    tree = _source_tree(backend)
+    overrides_check = any(isinstance(n, ast.FunctionDef) and n.name == "supports_head_size" for n in ast.walk(tree))
+    if overrides_check:  # a rule in code, not a literal: the class test above compares it head size by head size
+        assert backend.name in {b.name for b, _ in _importable()}
+    else:
+        assert backend.head_sizes == _head_size_rule(backend, tree)
+    assert backend.interleave_one == _needs_interleave_one(tree)

@@ -2,7 +2,7 @@
 
 vLLM's CPU platform picks ``AMX_MLA`` for MLA models on CPUs with AMX tiles, and
 ``AMX_MLA`` refuses float32 weights; a baseline started without the backend that
-:func:`vllm_helix.server.baseline_attention_backend` decides failed on AMX machines
+:func:`vllm_helix.harness.server.baseline_attention_backend` decides failed on AMX machines
 while passing on AMD ones. Here each engine must start, generate, and run on the
 backend that decision names (Helix: the plugin's ``CPU_MLA`` / ``CPU_ATTN``
 subclasses). The float32 pairs are the equality runs of ``test_generation.py``,
@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
-from vllm_helix.twins import make_tiny_model  # noqa: E402
+from vllm_helix.commands.twins import make_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -74,6 +74,35 @@ def test_the_hooks_are_installed_once_and_are_inert_without_helix() -> None:
     assert moe_grid.helix_grid() is None  # no current vLLM config: vLLM's own make result
 
 
+def test_the_out_of_tree_method_keeps_vllms_op_name() -> None:
+    """register_oot renames the op to the class name; the plugin restores vLLM's, which
+    ``--compilation-config custom_ops`` directives ("-unquantized_fused_moe") match on."""
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    from patches_free_hooks.plugin import register
+
+    register()
+    oot = op_registry_oot[moe_grid._METHOD_NAME]
+    assert issubclass(oot, UnquantizedFusedMoEMethod) and oot.__module__ == moe_grid.__name__
+    assert oot.name == UnquantizedFusedMoEMethod.name == "unquantized_fused_moe"
+
+
+def test_a_method_another_plugin_replaced_is_not_replaced_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    class OtherPluginsMethod:
+        pass
+
+    unwrapped = FusedMoEParallelConfig.make_no_parallel  # any callable without the install mark
+    monkeypatch.setattr(FusedMoEParallelConfig, "make", staticmethod(lambda *a, **k: unwrapped()))
+    monkeypatch.setitem(op_registry_oot, moe_grid._METHOD_NAME, OtherPluginsMethod)
+    with pytest.raises(HelixStartupError, match=r"another plugin already replaces vLLM's UnquantizedFusedMoEMethod "
+                                                 rf"\({re.escape(__name__)}\); the Helix MoE grid cannot be installed"):
+        moe_grid.install()
+    assert not moe_grid.installed() and op_registry_oot[moe_grid._METHOD_NAME] is OtherPluginsMethod
+
+
 # ------------------------------------------------------------------ CPU experts with an expert map
 def _experts(cls: type, intermediate: int) -> Any:
     config = FusedMoEConfig(

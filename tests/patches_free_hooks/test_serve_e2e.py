@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
-from vllm_helix.server import Server, cpu_env, vllm_command, vllm_helix_command  # noqa: E402
+from vllm_helix.harness.server import Server, cpu_env, vllm_command, vllm_helix_command  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

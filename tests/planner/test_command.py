@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_helix.cli import main
+from vllm_helix.commands.cli import main
 from vllm_helix.planner.command import parse_tokens
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.layouts import Layout

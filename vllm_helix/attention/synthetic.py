@@ -205,7 +205,7 @@ class HelixCase:
 def run_helix_cases(
     rank: int, world_size: int, cases: list[HelixCase]
 ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """Rank entry point (for :func:`vllm_helix.spawn.run_ranks`).
+    """Rank entry point (for :func:`vllm_helix.harness.spawn.run_ranks`).
 
     Returns, per case, this rank's exact ``out [B, H/N, Dv]``, ``lse [B, H/N]``
     and the wall time of the Helix decode (local attention + exchange + combine).

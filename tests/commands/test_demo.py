@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_helix.cli import main
+from vllm_helix.commands.cli import main
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 

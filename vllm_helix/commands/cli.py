@@ -15,12 +15,12 @@ from typing import Sequence
 
 # verb -> module implementing it
 VERBS: dict[str, str] = {
-    "demo": "vllm_helix.demo",
-    "attention-demo": "vllm_helix.attention_demo",
+    "demo": "vllm_helix.commands.demo",
+    "attention-demo": "vllm_helix.commands.attention_demo",
     "plan": "vllm_helix.planner.command",
-    "make-tiny-model": "vllm_helix.twins",
-    "serve": "vllm_helix.serve",
-    "build-kernel": "vllm_helix.build_kernel",
+    "make-tiny-model": "vllm_helix.commands.twins",
+    "serve": "vllm_helix.commands.serve",
+    "build-kernel": "vllm_helix.commands.build_kernel",
 }
 
 

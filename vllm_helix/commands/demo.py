@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_helix.config import HelixConfig, HelixConfigError
-from vllm_helix.server import (Server, ServerError, baseline_serve_args, cpu_env, vllm_command,
+from vllm_helix.harness.server import (Server, ServerError, baseline_serve_args, cpu_env, vllm_command,
                                vllm_helix_command)
 
 HELP = "serve the DeepSeek-V3 twin with Helix through vLLM's OpenAI server; compare with Helix off"
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _twin(model_dir: Path) -> Path:
     if (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists():
         return model_dir
-    from vllm_helix.twins import make_tiny_model
+    from vllm_helix.commands.twins import make_tiny_model
 
     print(f"building the DeepSeek-V3 twin in {model_dir} (random weights, local tokenizer) ...", flush=True)
     return make_tiny_model(model_dir, "deepseek_v3")

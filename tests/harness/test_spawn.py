@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vllm_helix.spawn import RankFailure, run_ranks
+from vllm_helix.harness.spawn import RankFailure, run_ranks
 
 
 def _sum_ranks(rank: int, world: int) -> torch.Tensor:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from vllm_helix.cli import main as cli_main
+from vllm_helix.commands.cli import main as cli_main
 from vllm_helix.config import HelixConfigError
-from vllm_helix.serve import vllm_serve_argv
+from vllm_helix.commands.serve import vllm_serve_argv
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _additional(argv: list[str]) -> dict:

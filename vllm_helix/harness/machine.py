@@ -28,7 +28,7 @@ def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, asked exactly as vLLM's CPU platform asks (through torch).
 
     It decides which MLA backend vLLM picks on CPU (``AMX_MLA`` with AMX, ``CPU_MLA``
-    without), so every benchmark records it and :func:`vllm_helix.server.baseline_attention_backend`
+    without), so every benchmark records it and :func:`vllm_helix.harness.server.baseline_attention_backend`
     follows it.
     """
     import torch

@@ -24,7 +24,7 @@ from vllm_helix.attention.synthetic import (
     run_helix_cases,
 )
 from vllm_helix.config import HelixConfig, HelixConfigError, ModelShape
-from vllm_helix.spawn import run_ranks
+from vllm_helix.harness.spawn import run_ranks
 
 HELP = "run Helix attention across local CPU ranks and print exactness and timing"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

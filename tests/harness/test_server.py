@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_helix import machine
-from vllm_helix.server import baseline_attention_backend, baseline_engine_kwargs, baseline_serve_args, engine_flags
+from vllm_helix.harness import machine
+from vllm_helix.harness.server import baseline_attention_backend, baseline_engine_kwargs, baseline_serve_args, engine_flags
 
 
 def _model(tmp_path: Path, name: str, config: dict) -> Path:
@@ -82,7 +82,7 @@ def test_machine_records_amx(amx: bool) -> None:
 
 
 def test_vllm_logs_give_capacity_and_the_real_failure() -> None:
-    from vllm_helix.server import kv_cache_tokens, vllm_failure
+    from vllm_helix.harness.server import kv_cache_tokens, vllm_failure
 
     assert kv_cache_tokens("INFO CPU KV cache size: 1,042,479 tokens, Maximum concurrency") == 1042479
     assert kv_cache_tokens("no report") is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_helix.cli import main
+from vllm_helix.commands.cli import main
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-from vllm_helix.machine import cpu_has_amx
+from vllm_helix.harness.machine import cpu_has_amx
 
 
 class ServerError(RuntimeError):
@@ -180,7 +180,7 @@ class Server:
 
 def vllm_helix_command() -> list[str]:
     """``vllm-helix`` of this interpreter (works inside a venv that is not activated)."""
-    return [sys.executable, "-m", "vllm_helix.cli"]
+    return [sys.executable, "-m", "vllm_helix.commands.cli"]
 
 
 def vllm_command() -> list[str]:

@@ -1,0 +1,57 @@
+"""The entry point on a vLLM outside the supported window (touch-point catalogue, "Version window").
+
+``register`` must leave such a vLLM alone (no backend override, no MoE hook) and say
+why once; a Helix request must then fail at start-up with the version message,
+before any worker exists.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+vllm = pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
+
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+
+from patches_free_hooks import engine_config, moe_grid, plugin  # noqa: E402
+from patches_free_hooks.compat import HelixStartupError  # noqa: E402
+
+VERSION_MESSAGE = r"supports vLLM >=0\.32,<0\.34 but vLLM 0\.40\.1 is installed"
+
+
+def test_an_unsupported_vllm_is_left_alone_and_a_helix_request_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm.v1.attention.backends.registry as registry
+
+    calls: dict[str, list[Any]] = {"backend": [], "moe": [], "warning": []}
+    monkeypatch.setattr(vllm, "__version__", "0.40.1")
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(registry, "register_backend", lambda *a: calls["backend"].append(a))
+    monkeypatch.setattr(moe_grid, "install", lambda: calls["moe"].append(True))
+    monkeypatch.setattr(plugin.logger, "warning", lambda *a: calls["warning"].append(a[0] % a[1:]))
+
+    plugin.register()
+
+    assert calls["backend"] == [] and calls["moe"] == []
+    assert len(calls["warning"]) == 1 and calls["warning"][0].startswith("vllm-helix inactive: ")
+    assert getattr(EngineArgs.create_engine_config, engine_config._INSTALLED_MARK, False)  # T2 stays
+    with pytest.raises(HelixStartupError, match=VERSION_MESSAGE):
+        engine_config.apply_helix(SimpleNamespace(additional_config={"helix": "kvp=2,tpa=1"}))
+    assert engine_config.apply_helix(SimpleNamespace(additional_config={})) is None  # plain vLLM still starts
+
+
+def test_a_supported_vllm_gets_the_backends_and_the_moe_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same spies see the installation when the version is in the window (the test above can fail)."""
+    import vllm.v1.attention.backends.registry as registry
+
+    calls: dict[str, list[Any]] = {"backend": [], "moe": []}
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(registry, "register_backend", lambda *a: calls["backend"].append(a))
+    monkeypatch.setattr(moe_grid, "install", lambda: calls["moe"].append(True))
+
+    plugin.register()
+
+    assert sorted(enum.name for enum, _ in calls["backend"]) == sorted(plugin.BACKENDS)
+    assert calls["moe"] == [True]
