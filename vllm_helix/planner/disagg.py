@@ -29,11 +29,11 @@ import numpy as np
 
 from vllm_helix.planner import loads
 from vllm_helix.planner.collectives import all_reduce_time, place_group
-from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, Workload, workspace_bytes
+from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, Workload, memory_budget, memory_per_gpu
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
 from vllm_helix.planner.layouts import STRATEGIES, Layout, attention_tp_valid
-from vllm_helix.planner.model_spec import ModelSpec, kv_bytes_per_request
+from vllm_helix.planner.model_spec import ModelSpec
 from vllm_helix.planner.precision import Precision
 from vllm_helix.planner.recommend import PlanPoint, recommend
 from vllm_helix.planner.search import search
@@ -72,20 +72,19 @@ class PrefillCost:
 
 def prefill_cost(model: ModelSpec, hardware: HardwareSpec, precision: Precision, prompt_length: int,
                  memory_utilization: float = DEFAULT_MEMORY_UTILIZATION) -> PrefillCost:
-    """The cheapest fitting TP width for one prompt (GPU-seconds per prompt); memory counted as
-    for decode (:func:`~vllm_helix.planner.cost.memory_per_gpu`'s workspace and reserve)."""
+    """The cheapest fitting TP width for one prompt (GPU-seconds per prompt); memory is the decode
+    check itself (:func:`~vllm_helix.planner.cost.memory_per_gpu` of a TP layout holding the prompt's KV)."""
     flops = (2.0 * (model.active_params_per_token - model.lm_head_params) * prompt_length
              + 2.0 * model.lm_head_params
              + model.num_layers * float(loads.prompt_attention_flops(model, prompt_length, prompt_length)))
     weight_bytes = model.total_params * precision.weight_bytes
-    kv = kv_bytes_per_request(model, prompt_length, precision.kv_bytes)
+    work = Workload(prompt_length, precision, memory_utilization=memory_utilization)
     best: PrefillCost | None = None
     for gpus in range(1, hardware.gpus_per_domain + 1):
         if not attention_tp_valid(model, gpus):
             continue
-        workspace = float(workspace_bytes(model, Layout("tp", tpa=gpus, tpf=gpus), hardware, np.array([1.0]))[0])
-        if (weight_bytes / gpus + kv * loads.kv_head_share(model, gpus) + workspace + hardware.runtime_reserve
-                > hardware.memory_capacity * memory_utilization):
+        needed = memory_per_gpu(model, Layout("tp", tpa=gpus, tpf=gpus), work, np.array([1.0]), hardware)[0]
+        if needed > memory_budget(hardware, work):
             continue
         compute = max(flops / (gpus * hardware.flop_rate(precision.compute)),
                       weight_bytes / (gpus * hardware.memory_bandwidth))
