@@ -39,6 +39,8 @@ INTERNALS: tuple[str, ...] = (
     "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_ATTN",
     "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_MLA",
     "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackend",
+    "vllm.v1.attention.backends.cpu_attn:_get_attn_isa",
+    "vllm._custom_ops:cpu_attn_reshape_and_cache",
     "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl",
     "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward",
     "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.do_kv_cache_update",
