@@ -223,6 +223,40 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
         )
 
 
+def _connector_name(transfer: Any) -> str | None:
+    if transfer is None:
+        return None
+    return transfer.get("kv_connector") if isinstance(transfer, dict) else getattr(transfer, "kv_connector", None)
+
+
+def check_kv_transfer(helix: HelixConfig, shape: ModelShape, args: Any, block_size: int) -> None:
+    """Refuse, at start-up and with the rule, the KV connectors known to break a Helix decode server.
+
+    vLLM's NIXL path accepts decode-context parallelism only for MLA, with DCP over all of TP
+    (tpa = 1) and ``cp_kv_cache_interleave_size`` forced to the block size (vLLM 0.32
+    ``config/vllm.py``); its ``ExampleConnector`` writes global positions into every rank
+    in vLLM's CPU block packing, which a Helix cache neither shards nor packs that way.
+    """
+    name = _connector_name(args.kv_transfer_config)
+    if name is None or helix.kvp == 1:
+        return
+    if name == "NixlConnector":
+        problems = [rule for rule, broken in (
+            ("vLLM's NIXL transfers support decode-context parallelism only for MLA models", not shape.is_mla),
+            (f"NIXL needs DCP over every worker, i.e. tpa=1 (got tpa={helix.tpa})", helix.tpa != 1),
+            (f"NIXL moves whole blocks, so the stripe must equal the block size {block_size} "
+             f"(got stripe={helix.stripe}); drop stripe", helix.stripe != block_size),
+        ) if broken]
+        if problems:
+            raise HelixStartupError(f"--kv-transfer-config NixlConnector with helix kvp={helix.kvp}: "
+                                    + "; ".join(problems))
+    elif name == "ExampleConnector":
+        raise HelixStartupError(
+            f"--kv-transfer-config ExampleConnector cannot feed helix kvp={helix.kvp}: it writes every "
+            "token into every rank in vLLM's CPU block packing; use \"kv_connector\": \"HelixConnector\" "
+            "on both servers")
+
+
 def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | None) -> None:
     """Rules of the MoE TPF x EP grid (ep > 1) beyond the layout's own (``HelixConfig.validate``).
 
@@ -291,6 +325,7 @@ def apply_helix(args: Any) -> HelixConfig | None:
     resolved = HelixConfig(**{**helix.to_dict(), "stripe": stripe})
     resolved.validate(resolved.world_size, shape, max_world_size=_cpu_worker_slots())
     check_vllm_settings(resolved, shape, args)
+    check_kv_transfer(resolved, shape, args, block_size)
     if resolved.ep > 1:
         check_moe_grid_settings(resolved, args, model_config.quantization)
 

@@ -9,6 +9,8 @@ idempotent and inert unless Helix is requested, so it only
 * points vLLM's ``CPU_ATTN`` and ``CPU_MLA`` backend names at the Helix
   subclasses, which defer to vLLM's own code unless the worker's config asks
   for Helix with kvp > 1, and
+* registers ``HelixConnector`` with vLLM's KV connector factory (imported only when
+  a ``--kv-transfer-config`` names it; :mod:`patches_free_hooks.kv_connector`), and
 * installs the MoE TPF x EP grid (:mod:`patches_free_hooks.moe_grid`): a wrapper
   of ``FusedMoEParallelConfig.make`` and an out-of-tree ``UnquantizedFusedMoEMethod``,
   both inert unless the config asks for Helix with ep > 1.
@@ -30,6 +32,7 @@ BACKENDS = {
     "CPU_ATTN": "patches_free_hooks.cpu_attention.HelixCPUAttentionBackend",
     "CPU_MLA": "patches_free_hooks.cpu_mla.HelixCPUMLABackend",
 }
+CONNECTOR = "HelixConnector"  # --kv-transfer-config '{"kv_connector": "HelixConnector", ...}'
 _registered = False
 
 
@@ -53,6 +56,9 @@ def register() -> None:
     register_backend = internal("vllm.v1.attention.backends.registry:register_backend")
     for name, class_path in BACKENDS.items():
         register_backend(enum[name], class_path)
+    if CONNECTOR not in internal("vllm.distributed.kv_transfer.kv_connector.factory:KVConnectorFactory._registry"):
+        internal("vllm.distributed.kv_transfer.kv_connector.factory:KVConnectorFactory.register_connector")(
+            CONNECTOR, "patches_free_hooks.kv_connector", CONNECTOR)
     from patches_free_hooks import moe_grid
 
     try:

@@ -119,3 +119,14 @@ def scatter_sequence(canonical: torch.Tensor, caches: Sequence[torch.Tensor], la
     for rank, cache in enumerate(caches):
         positions, slots = rank_tokens(striping, block_row, canonical.shape[0], rank)
         layout.write(cache, slots, canonical[positions])
+
+
+def tp_kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> range:
+    """The KV heads vLLM gives TP rank ``tp_rank``: a slice when ``tp_size <= num_kv_heads``, else one
+    head held by ``tp_size / num_kv_heads`` consecutive ranks (vLLM runs Helix as TP = N, so this is
+    a Helix rank's heads too: its TPA slice's)."""
+    if tp_size <= num_kv_heads:
+        per_rank = num_kv_heads // tp_size
+        return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+    head = tp_rank // (tp_size // num_kv_heads)
+    return range(head, head + 1)

@@ -90,6 +90,44 @@ def test_bad_layouts_fail_before_anything_starts(
         apply_helix(_args(twins[model], helix, **kwargs))
 
 
+def _transfer(connector: str) -> object:
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(kv_connector=connector, kv_role="kv_consumer")
+
+
+@pytest.mark.parametrize(
+    ("model", "helix", "connector", "message"),
+    [
+        ("llama1", {"kvp": 2, "tpa": 1}, "NixlConnector",
+         r"^--kv-transfer-config NixlConnector with helix kvp=2: vLLM's NIXL transfers support decode-context "
+         r"parallelism only for MLA models$"),
+        ("llama2", {"kvp": 2, "tpa": 2, "stripe": 16}, "NixlConnector",
+         r"only for MLA models; NIXL needs DCP over every worker, i.e. tpa=1 \(got tpa=2\); NIXL moves whole "
+         r"blocks, so the stripe must equal the block size 128 \(got stripe=16\); drop stripe$"),
+        ("deepseek", {"kvp": 2, "tpa": 1, "stripe": 8}, "NixlConnector",
+         r"^--kv-transfer-config NixlConnector with helix kvp=2: NIXL moves whole blocks, so the stripe must "
+         r"equal the block size 16 \(got stripe=8\); drop stripe$"),
+        ("llama1", {"kvp": 2, "tpa": 1}, "ExampleConnector",
+         r"ExampleConnector cannot feed helix kvp=2: .*use \"kv_connector\": \"HelixConnector\" on both servers"),
+    ],
+)
+def test_connectors_that_cannot_feed_a_helix_decode_server_are_refused(
+    twins: dict[str, Path], model: str, helix: dict, connector: str, message: str
+) -> None:
+    with pytest.raises(HelixStartupError, match=message):
+        apply_helix(_args(twins[model], helix, kv_transfer_config=_transfer(connector)))
+
+
+@pytest.mark.parametrize(("model", "helix", "connector"), [
+    ("deepseek", {"kvp": 2, "tpa": 1}, "NixlConnector"),  # MLA, tpa 1, stripe = block: vLLM's own rule holds
+    ("llama1", {"kvp": 2, "tpa": 1}, "HelixConnector"),
+    ("llama1", {"kvp": 1, "tpa": 1}, "ExampleConnector"),  # no KV sharding: vLLM's own caches
+])
+def test_connectors_that_can_feed_it_pass(twins: dict[str, Path], model: str, helix: dict, connector: str) -> None:
+    assert apply_helix(_args(twins[model], helix, kv_transfer_config=_transfer(connector))) is not None
+
+
 def test_more_workers_than_cores_is_refused(twins: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     monkeypatch.setattr(engine_config.os, "sched_getaffinity", lambda pid: {0})
