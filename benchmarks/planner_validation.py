@@ -104,7 +104,8 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
                                "at_shortest_context": floor, "error": error,
                                "measured_range": crossover_range(sweep, model, batch)})
     held = [r for r in rows if r["role"] == "held out"]
-    return {"profile": hw.name, "sweep_machine": sweep["machine"], "sweep_date": sweep["date"], "rows": rows,
+    return {"profile": hw.name, "sweep_machine": sweep["machine"], "sweep_date": sweep["date"],
+            "sweep_instances": sweep["settings"].get("instances", 1), "rows": rows,
             "crossovers": crossovers,
             "summary": {"held_out": len(held),
                         "held_out_within": sum(abs(r["error"]) <= TPOT_TOLERANCE for r in held),
@@ -153,19 +154,19 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "## Reading", ""]
     misses = [r for r in result["rows"] if r["role"] == "held out" and abs(r["error"]) > TPOT_TOLERANCE]
     for r in misses:
+        inside = min(r["samples_ms"]) <= r["predicted_ms"] <= max(r["samples_ms"])
         lines.append(f"- Miss: {r['model']} {r['config']} at {r['context']:,} tokens, batch {r['batch']}: "
                      f"{r['error']:+.0%} (measured {r['measured_ms']:.1f} ms, samples "
-                     f"{', '.join(f'{v:.1f}' for v in r['samples_ms'])}).")
-    tp64 = next((r for r in result["rows"] if (r["model"], r["config"], r["context"], r["batch"])
-                 == ("llama_kv1", "TP=2", 65536, 1)), None)
+                     f"{', '.join(f'{v:.1f}' for v in r['samples_ms'])}; the prediction lies "
+                     f"{'inside' if inside else 'outside'} the samples' range).")
+    instances = result.get("sweep_instances", 1)
     lines += [
         "- Where the misses come from: one engine's repeated samples of a point agree within ~10-20%, but the same "
-        "point moves by 30-40% between engine instances and runs of the same code on this VM. The Llama twin's "
-        "TP=2 64K TPOT was 18.4-20.5 ms in the sweeps of commits 5463c55 and 4dd5c48"
-        + (f" and {tp64['measured_ms']:.1f} ms in this one" if tp64 else "")
-        + "; the DeepSeek twin's Helix decode (torch's flash kernel, which gathers scattered blocks first) depends "
-        "on where vLLM's allocator put each request's blocks. A model of bytes and fixed costs cannot predict which "
-        "engine instance it meets; the fit and the sweep are separate engine instances by design.",
+        "point moves by 30-40% between engine instances on this VM (which cores the workers land on, where vLLM's "
+        f"allocator put the blocks). The sweep therefore times every point up to 64K in {instances} fresh engines "
+        "and keeps the median of all their samples (the samples above run instance by instance); the profile was "
+        "fitted on engine runs of another day (calibration.md), so the comparison is out of sample in data and in "
+        "machine instance.",
         "- The crossover is the context where two such curves meet, so its error is the difference of two noisy "
         "fixed costs divided by a small slope: on the Llama twin the two layouts are within ~10% of each other from "
         "4K to 64K, and the measured crossover ranges over a decade within the sweep's own samples.",
