@@ -12,11 +12,12 @@ into the other.
 Producer: when a prompt's last token has been computed, every writer rank (all
 Helix ranks; for plain TP the first rank holding each KV head) writes its share of
 each layer, and the scheduler publishes the entry once that step is over.
-Consumer: a request whose prompt has an entry loads ``floor((L - 1) / B) * B``
-tokens of it, ``B`` being the scheduler's block (``block_size * kvp`` under
-Helix), in one synchronous step before its forward, each rank only its stripes
-and its KV heads; the tail (1 to ``B`` tokens) is computed on the decode side, as
-vLLM's own file connector does.
+Consumer: a request whose ``L``-token prompt has an entry loads its first ``L - 1``
+tokens in one synchronous step before its forward, each rank only its stripes and
+its KV heads; the last prompt token is computed on the decode side (vLLM requires a
+synchronous load to leave one, and its NIXL path recomputes one too), so the decode
+server's first step for the request is a decode. Partial blocks need no special
+case: the load writes slots, not whole blocks.
 """
 
 from __future__ import annotations
@@ -77,10 +78,6 @@ class _Placement:
         heads = 1 if model.use_mla else model.get_total_num_kv_heads()
         return cls(heads, vllm_config.parallel_config.tensor_parallel_size, striping, model.use_mla)
 
-    @property
-    def scheduler_block(self) -> int:
-        return self.striping.tokens_per_global_block
-
     def writes(self, tp_rank: int) -> bool:
         """Helix ranks hold distinct stripes: all write. Plain TP replicas of a head: the first writes."""
         replicas = max(1, self.tp // self.kv_heads)
@@ -120,8 +117,10 @@ class HelixConnector(KVConnectorBase_V1):
         stored = self._store.tokens(self._key(request))
         if not stored:
             return stored
-        block = self._placement.scheduler_block
-        return min(stored, prompt - 1) // block * block
+        # vLLM needs a synchronous load to leave a token to compute; leaving exactly one makes the
+        # decode side's first step a decode (an MLA prefill over loaded context would take vLLM's
+        # context-parallel gather, which its CPU build lacks).
+        return min(stored, prompt - 1)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self._kv_transfer_config.is_kv_consumer:
