@@ -31,7 +31,7 @@ import torch
 
 from vllm_helix.config import from_additional_config
 from vllm_helix.kv_handoff import BlockLayout, rank_tokens, tp_kv_heads
-from vllm_helix.kv_store import KVFileStore, entry_key
+from vllm_helix.kv_store import DEFAULT_PATH, KVFileStore, entry_key
 from vllm_helix.striping import KVStriping
 
 from patches_free_hooks.compat import internal
@@ -41,7 +41,6 @@ _base = "vllm.distributed.kv_transfer.kv_connector.v1.base"
 KVConnectorBase_V1 = internal(f"{_base}:KVConnectorBase_V1")
 KVConnectorMetadata = internal(f"{_base}:KVConnectorMetadata")
 KVConnectorRole = internal(f"{_base}:KVConnectorRole")
-DEFAULT_PATH = "/tmp/vllm-helix-kv"
 _logger = logging.getLogger("vllm.helix")
 
 

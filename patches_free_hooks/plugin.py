@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 
+from vllm_helix.kv_store import CONNECTOR_NAME
+
 from patches_free_hooks.compat import HelixStartupError, check_supported_version, internal
 
 logger = logging.getLogger("vllm.helix")  # under vLLM's logger: same handlers and format
@@ -32,7 +34,7 @@ BACKENDS = {
     "CPU_ATTN": "patches_free_hooks.cpu_attention.HelixCPUAttentionBackend",
     "CPU_MLA": "patches_free_hooks.cpu_mla.HelixCPUMLABackend",
 }
-CONNECTOR = "HelixConnector"  # --kv-transfer-config '{"kv_connector": "HelixConnector", ...}'
+CONNECTOR = CONNECTOR_NAME  # --kv-transfer-config '{"kv_connector": "HelixConnector", ...}'
 _registered = False
 
 

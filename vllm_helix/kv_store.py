@@ -32,6 +32,14 @@ import torch
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
+CONNECTOR_NAME = "HelixConnector"  # the name vLLM's --kv-transfer-config uses (registered by the plugin)
+DEFAULT_PATH = "/tmp/vllm-helix-kv"
+
+
+def kv_transfer_config(role: str, path: str = DEFAULT_PATH) -> str:
+    """The ``--kv-transfer-config`` JSON of one side of a prefill/decode split through this store."""
+    return json.dumps({"kv_connector": CONNECTOR_NAME, "kv_role": role, "kv_connector_extra_config": {"path": path}},
+                      separators=(",", ":"))
 
 
 def entry_key(model: str, dtype: str, token_ids: Sequence[int]) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vllm_helix.commands.cli import main
+from vllm_helix.kv_store import DEFAULT_PATH
 from vllm_helix.planner.command import parse_tokens
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.layouts import Layout
@@ -191,6 +192,25 @@ def test_disaggregation_section(capsys: pytest.CaptureFixture[str]) -> None:
                          "--context", "16K", "--ttl-ms", "30", "--isl", "16K", "--osl", "2K", "--rate", "5")
     assert code == 0
     assert "Disaggregated serving of ISL 16384 / OSL 2048 at 5 req/s" in out and "prefill:decode =" in out
+    prefill = re.search(r"prefill: TP=(\d+)", out).group(1)
+    connector = '{{"kv_connector":"HelixConnector","kv_role":"{}","kv_connector_extra_config":{{"path":"{}"}}}}'
+    assert (f"  prefill server: vllm serve meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size {prefill} "
+            f"--kv-transfer-config '{connector.format('kv_producer', DEFAULT_PATH)}'") in out
+    decode = re.search(r"  decode server: (.*) --kv-transfer-config '(.*)'$", out, re.M)
+    assert decode.group(1).startswith(("vllm serve ", "vllm-helix serve "))
+    assert json.loads(decode.group(2)) == {"kv_connector": "HelixConnector", "kv_role": "kv_consumer",
+                                           "kv_connector_extra_config": {"path": DEFAULT_PATH}}
+
+
+def test_the_split_serves_a_helix_decode_pool_with_the_consumer_connector(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _plan(capsys, "--model", "deepseek-r1", "--hardware", "h200", "--context", "128K", "--gpus", "16",
+                         "--ttl-ms", "50", "--isl", "16K", "--osl", "2K", "--rate", "5", "--strategies", "tp,helix",
+                         "--json")
+    split = json.loads(out)["disaggregation"]
+    assert split["commands"]["decode"].startswith("vllm-helix serve deepseek-ai/DeepSeek-R1 --helix kvp=")
+    assert split["commands"]["decode"].endswith('"kv_role":"kv_consumer","kv_connector_extra_config":'
+                                                f'{{"path":"{DEFAULT_PATH}"}}}}\'')
+    assert '"kv_role":"kv_producer"' in split["commands"]["prefill"]
 
 
 def test_a_calibrated_profile_warns_when_it_prices_a_layout_it_did_not_measure(capsys: pytest.CaptureFixture[str]) -> None:

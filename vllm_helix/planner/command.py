@@ -239,6 +239,7 @@ def _helix_layout(spec: str, model: "ModelSpec") -> Any:
 
 # ------------------------------------------------------------------- output
 def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    from vllm_helix.planner.disagg import split_commands
     from vllm_helix.planner.energy import energy_of
 
     ref = plan.model_ref
@@ -261,6 +262,7 @@ def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             "decode": d.decode.as_dict(ref), "decode_gpus": d.decode_gpus,
             "prefill_to_decode": d.prefill_to_decode, "aggregated_gpus": d.aggregated_gpus,
             "pays": d.pays, "gain": d.gain,
+            "commands": dict(zip(("prefill", "decode"), split_commands(d, plan.model_ref))),
         }
     payload["latency_sensitivity"] = [p.as_dict(ref) for p in plan.sensitivity]
     if args.plot:
@@ -285,6 +287,8 @@ def _terms_text(terms: dict[str, float]) -> str:
 
 
 def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
+    from vllm_helix.planner.disagg import split_commands
+
     from vllm_helix.planner.cost import memory_budget
     from vllm_helix.planner.sensitivity import sensitivity_text
     from vllm_helix.planner.search import MAX_INSTANCE_GPUS
@@ -338,6 +342,8 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
             f"{d.decode_gpus:.1f} GPUs; prefill:decode = {d.prefill_to_decode:.3f}",
             f"  co-located: {colocated}",
             f"  disaggregation {'pays' if d.pays else 'does not pay'}: co-located needs {d.gain:.2f}x the GPUs",
+            *(f"  {side} server: {command or 'no vLLM mode serves this layout'}"
+              for side, command in zip(("prefill", "decode"), split_commands(d, plan.model_ref))),
         ]
     if args.plot:
         lines += ["", f"plot: {args.plot}"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vllm_helix.kv_store import kv_transfer_config
 from vllm_helix.planner import loads
 from vllm_helix.planner.collectives import all_reduce_time, place_group
 from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, Workload, memory_budget, memory_per_gpu
@@ -155,3 +156,17 @@ def plan_disaggregation(model: ModelSpec, hardware: HardwareSpec, precision: Pre
     return DisaggregationPlan(mix, ttl_budget,
                               prefill_cost(model, hardware, precision, mix.input_len, memory_utilization),
                               decode, aggregated)
+
+
+def split_commands(plan: DisaggregationPlan, model_ref: str) -> tuple[str, str | None]:
+    """The prefill and decode server commands of ``plan``, joined by the plugin's KV connector
+    (the decode one ``None`` where no vLLM mode serves its layout).
+
+    The connector's transport is local files (one host or a shared file system); across
+    GPU nodes vLLM's NIXL connector is the transport where vLLM allows it under Helix
+    (MLA, tpa=1, stripe = block size), which this sizing does not choose.
+    """
+    prefill = Layout("tp", tpa=plan.prefill.gpus, tpf=plan.prefill.gpus).serve_command(model_ref)
+    decode = plan.decode.command(model_ref)
+    return (f"{prefill} --kv-transfer-config '{kv_transfer_config('kv_producer')}'",
+            None if decode is None else f"{decode} --kv-transfer-config '{kv_transfer_config('kv_consumer')}'")
