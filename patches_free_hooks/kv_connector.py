@@ -97,7 +97,6 @@ class HelixConnector(KVConnectorBase_V1):
         self._model_id = str(transfer.get_from_extra_config("model_id", vllm_config.model_config.model))
         self._dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
         self._placement = _Placement.of(vllm_config)
-        self._vllm_config = vllm_config
         # scheduler state
         self._layers = sorted({name for group in getattr(kv_cache_config, "kv_cache_groups", [])
                                for name in group.layer_names})
