@@ -11,6 +11,8 @@ idempotent and inert unless Helix is requested, so it only
   for Helix with kvp > 1, and
 * registers ``HelixConnector`` with vLLM's KV connector factory (imported only when
   a ``--kv-transfer-config`` names it; :mod:`patches_free_hooks.kv_connector`), and
+* asks Linux for AMX tile state where the CPU has AMX (vLLM's bf16 CPU attention uses
+  the tiles without asking, and its workers die of SIGILL; :func:`request_amx_tiles`), and
 * installs the MoE TPF x EP grid (:mod:`patches_free_hooks.moe_grid`): a wrapper
   of ``FusedMoEParallelConfig.make`` and an out-of-tree ``UnquantizedFusedMoEMethod``,
   both inert unless the config asks for Helix with ep > 1.
@@ -38,12 +40,26 @@ CONNECTOR = CONNECTOR_NAME  # --kv-transfer-config '{"kv_connector": "HelixConne
 _registered = False
 
 
+def request_amx_tiles() -> bool:
+    """Ask Linux for AMX tile state in this process, where the CPU has AMX (idempotent, cheap).
+
+    vLLM's CPU attention runs AMX tile instructions for bfloat16 on such CPUs without
+    requesting the tile state (``ARCH_REQ_XCOMP_PERM``); a worker whose first AMX
+    instruction is vLLM's then dies of SIGILL (seen on this project's Xeon machines:
+    plain vLLM, bf16, exit code -4). PyTorch's own request makes it safe.
+    """
+    import torch
+
+    return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
+
+
 def register() -> None:
     """Install the Helix hooks in this process (safe to call any number of times)."""
     global _registered
     if _registered:
         return
     _registered = True
+    request_amx_tiles()
     from patches_free_hooks import engine_config
 
     try:

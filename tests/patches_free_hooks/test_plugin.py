@@ -65,3 +65,15 @@ def test_a_supported_vllm_gets_the_backends_the_connector_and_the_moe_hook(monke
     plugin._registered = False
     plugin.register()  # a second registration in the same process must not collide
     assert list(KVConnectorFactory._registry) == ["HelixConnector"]
+
+
+def test_amx_tile_state_is_requested_where_the_cpu_has_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without it vLLM's bf16 CPU attention dies of SIGILL on AMX machines (test_dtypes.py runs it there)."""
+    import torch
+
+    asked: list[bool] = []
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: asked.append(True) or True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert plugin.request_amx_tiles() is False and asked == []
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert plugin.request_amx_tiles() is True and asked == [True]
