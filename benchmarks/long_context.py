@@ -184,7 +184,9 @@ def more_instances(model: Path, config: str, points: list[tuple[int, int]], fill
     caller's (instance 0); these are tagged 1, 2, ...
     """
     samples: list[dict[str, Any]] = []
-    for instance in range(1, instances if points else 1):
+    if not points:
+        return samples
+    for instance in range(1, instances):
         result = run_engine(model, config, [p for p in points for _ in range(repeats)], fill, output_len,
                             log.with_name(f"{log.stem}-instance{instance}.log"), timeout_s)
         if "error" in result:  # the first instance ran these points: a later failure is the machine's

@@ -104,7 +104,8 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
                                "at_shortest_context": floor, "error": error,
                                "measured_range": crossover_range(sweep, model, batch)})
     held = [r for r in rows if r["role"] == "held out"]
-    return {"profile": hw.name, "sweep_machine": sweep["machine"], "sweep_date": sweep["date"],
+    return {"profile": hw.name, "profile_description": hw.description,
+            "sweep_machine": sweep["machine"], "sweep_date": sweep["date"],
             "sweep_instances": sweep["settings"].get("instances", 1), "rows": rows,
             "crossovers": crossovers,
             "summary": {"held_out": len(held),
@@ -164,9 +165,9 @@ def markdown(result: dict[str, Any]) -> str:
         "- Where the misses come from: one engine's repeated samples of a point agree within ~10-20%, but the same "
         "point moves by 30-40% between engine instances on this VM (which cores the workers land on, where vLLM's "
         f"allocator put the blocks). The sweep therefore times every point up to 64K in {instances} fresh engines "
-        "and keeps the median of all their samples (the samples above run instance by instance); the profile was "
-        "fitted on engine runs of another day (calibration.md), so the comparison is out of sample in data and in "
-        "machine instance.",
+        "and keeps the median of all their samples (the samples above run instance by instance); the profile "
+        f"({result['profile_description']}) was fitted on other engine instances (calibration.md), so the "
+        "comparison is out of sample in data and in engine instance.",
         "- The crossover is the context where two such curves meet, so its error is the difference of two noisy "
         "fixed costs divided by a small slope: on the Llama twin the two layouts are within ~10% of each other from "
         "4K to 64K, and the measured crossover ranges over a decade within the sweep's own samples.",

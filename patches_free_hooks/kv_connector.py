@@ -104,6 +104,7 @@ class HelixConnector(KVConnectorBase_V1):
         self._to_load: dict[str, tuple[str, int]] = {}
         self._saved: dict[str, tuple[str, int]] = {}  # saves issued, not yet published
         self._layouts: dict[str, BlockLayout] = {}  # worker: per layer
+        self._step: tuple[Any, dict[int, tuple[torch.Tensor, torch.Tensor]]] | None = None  # worker: see _tokens
 
     # ------------------------------------------------------------------ scheduler side
     def _key(self, request: Any) -> str:
@@ -207,10 +208,14 @@ class HelixConnector(KVConnectorBase_V1):
             self._layouts[layer_name] = layout
         return cache, self._layouts[layer_name]
 
-    def _my_tokens(self, transfer: Transfer) -> tuple[torch.Tensor, torch.Tensor]:
-        striping = self._placement.striping
-        return rank_tokens(striping, torch.tensor(transfer.block_ids, dtype=torch.int64), transfer.tokens,
-                           self._tp_rank() % striping.kvp)
+    def _tokens(self, meta: HelixConnectorMetadata, transfer: Transfer) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's positions of ``transfer`` and their slots, computed once per step (vLLM calls
+        ``save_kv_layer`` once per layer with the same metadata)."""
+        if self._step is None or self._step[0] is not meta:
+            striping, rank = self._placement.striping, self._tp_rank() % self._placement.striping.kvp
+            self._step = (meta, {id(t): rank_tokens(striping, torch.tensor(t.block_ids, dtype=torch.int64),
+                                                    t.tokens, rank) for t in [*meta.saves, *meta.loads]})
+        return self._step[1][id(transfer)]
 
     def _my_heads(self) -> range:
         return tp_kv_heads(self._placement.kv_heads, self._placement.tp, self._tp_rank())
@@ -218,7 +223,7 @@ class HelixConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         for transfer in meta.loads:
-            positions, slots = self._my_tokens(transfer)
+            positions, slots = self._tokens(meta, transfer)
             for name, layer in forward_context.no_compile_layers.items():
                 cache = getattr(layer, "kv_cache", None)
                 if not isinstance(cache, torch.Tensor):
@@ -236,7 +241,7 @@ class HelixConnector(KVConnectorBase_V1):
             return
         cache, layout = self._layer_cache(layer_name, kv_layer)
         for transfer in meta.saves:
-            positions, slots = self._my_tokens(transfer)
+            positions, slots = self._tokens(meta, transfer)
             self._store.write_part(transfer.key, layer_name, f"r{self._tp_rank()}", positions, self._my_heads(),
                                    layout.read(cache, slots))
 

@@ -36,7 +36,6 @@ BACKENDS = {
     "CPU_ATTN": "patches_free_hooks.cpu_attention.HelixCPUAttentionBackend",
     "CPU_MLA": "patches_free_hooks.cpu_mla.HelixCPUMLABackend",
 }
-CONNECTOR = CONNECTOR_NAME  # --kv-transfer-config '{"kv_connector": "HelixConnector", ...}'
 _registered = False
 
 
@@ -74,9 +73,9 @@ def register() -> None:
     register_backend = internal("vllm.v1.attention.backends.registry:register_backend")
     for name, class_path in BACKENDS.items():
         register_backend(enum[name], class_path)
-    if CONNECTOR not in internal("vllm.distributed.kv_transfer.kv_connector.factory:KVConnectorFactory._registry"):
-        internal("vllm.distributed.kv_transfer.kv_connector.factory:KVConnectorFactory.register_connector")(
-            CONNECTOR, "patches_free_hooks.kv_connector", CONNECTOR)
+    factory = "vllm.distributed.kv_transfer.kv_connector.factory:KVConnectorFactory"
+    if CONNECTOR_NAME not in internal(f"{factory}._registry"):
+        internal(f"{factory}.register_connector")(CONNECTOR_NAME, "patches_free_hooks.kv_connector", "HelixConnector")
     from patches_free_hooks import moe_grid
 
     try:

@@ -287,9 +287,8 @@ def _terms_text(terms: dict[str, float]) -> str:
 
 
 def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
-    from vllm_helix.planner.disagg import split_commands
-
     from vllm_helix.planner.cost import memory_budget
+    from vllm_helix.planner.disagg import split_commands
     from vllm_helix.planner.sensitivity import sensitivity_text
     from vllm_helix.planner.search import MAX_INSTANCE_GPUS
     from vllm_helix.planner.energy import energy_of
