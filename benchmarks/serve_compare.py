@@ -31,13 +31,11 @@ from typing import Any
 
 from measure_hardware import profile_for
 from vllm_helix.harness.machine import describe_machine, machine_sentence
-from vllm_helix.harness.server import (Server, ServerError, baseline_engine_kwargs, cpu_env, engine_flags, vllm_command,
-                               vllm_failure, vllm_helix_command)
+from vllm_helix.harness.server import (EXACT_ROPE_FLAGS, Server, ServerError, baseline_engine_kwargs, bench_serve,
+                                       cpu_env, engine_flags, vllm_command, vllm_failure, vllm_helix_command)
 from vllm_helix.commands.twins import benchmark_twin as twin
 
 RESULTS = Path(__file__).parent / "results"
-# vLLM's CPU rotary kernel is wrong for MLA (docs/cpu-determinism.md); all MLA servers use PyTorch's.
-EXACT_ROPE = ["--compilation-config", json.dumps({"custom_ops": ["all", "-rotary_embedding"]})]
 METRICS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_tpot_ms", "p99_tpot_ms",
            "p50_itl_ms", "p99_itl_ms", "output_throughput", "completed", "failed")
 
@@ -56,7 +54,7 @@ class Config:
 
 
 def configs(arch_filter: set[str]) -> list[Config]:
-    mla = EXACT_ROPE
+    mla = list(EXACT_ROPE_FLAGS)
     table = [
         Config("deepseek_v3", "Helix kvp=2", 2, ["--helix", "kvp=2,tpa=1", *mla], helix=True),
         Config("deepseek_v3", "TP=2 (latent KV duplicated)", 2, ["--tensor-parallel-size", "2", *mla]),
@@ -75,19 +73,9 @@ def configs(arch_filter: set[str]) -> list[Config]:
 
 def bench(server: Server, model: Path, input_len: int, output_len: int, concurrency: int, prompts: int,
           out_dir: Path) -> dict[str, Any]:
-    """One ``vllm bench serve`` run; returns its result JSON and the command line."""
-    name = f"bench-{time.monotonic_ns()}.json"
-    command = [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", server.url,
-               "--model", str(model), "--dataset-name", "random", "--random-input-len", str(input_len),
-               "--random-output-len", str(output_len), "--random-range-ratio", "0", "--ignore-eos",
-               "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--seed", "0",
-               "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
-               "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=cpu_env(1))
-    if done.returncode != 0:
-        raise ServerError(f"vllm bench serve failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    result = json.loads((out_dir / name).read_text())
-    return {"command": " ".join(command), **{k: result.get(k) for k in METRICS}}
+    """One ``vllm bench serve`` run; returns the metrics kept and the command line."""
+    result = bench_serve(server.url, model, input_len, output_len, prompts, concurrency, out_dir)
+    return {"command": result["command"], **{k: result.get(k) for k in METRICS}}
 
 
 def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:

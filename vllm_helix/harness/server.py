@@ -188,6 +188,26 @@ def vllm_command() -> list[str]:
     return [sys.executable, "-m", "patches_free_hooks.vllm_cli"]
 
 
+def bench_serve(base_url: str, model: str | Path, input_len: int, output_len: int, prompts: int,
+                concurrency: int, out_dir: Path, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """One ``vllm bench serve`` run (random prompts, ``--ignore-eos``): its result JSON and command line."""
+    name = f"bench-{time.monotonic_ns()}.json"
+    command = [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", base_url,
+               "--model", str(model), "--dataset-name", "random", "--random-input-len", str(input_len),
+               "--random-output-len", str(output_len), "--random-range-ratio", "0", "--ignore-eos",
+               "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--seed", "0",
+               "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
+               "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=cpu_env(1))
+    if done.returncode != 0:
+        raise ServerError(f"vllm bench serve failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return {"command": " ".join(command), **json.loads((out_dir / name).read_text())}
+
+
+# vLLM's C++ CPU rotary kernel mis-indexes MLA's strided q/k (docs/cpu-determinism.md): servers that
+# are compared token for token use PyTorch's rotary, so a comparison measures Helix, not that bug.
+EXACT_ROPE_FLAGS = ("--compilation-config", json.dumps({"custom_ops": ["all", "-rotary_embedding"]}))
+
 BASELINE_DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -262,7 +262,7 @@ def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             "decode": d.decode.as_dict(ref), "decode_gpus": d.decode_gpus,
             "prefill_to_decode": d.prefill_to_decode, "aggregated_gpus": d.aggregated_gpus,
             "pays": d.pays, "gain": d.gain,
-            "commands": dict(zip(("prefill", "decode"), split_commands(d, plan.model_ref))),
+            "commands": split_commands(d, plan.model_ref),
         }
     payload["latency_sensitivity"] = [p.as_dict(ref) for p in plan.sensitivity]
     if args.plot:
@@ -341,8 +341,9 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
             f"{d.decode_gpus:.1f} GPUs; prefill:decode = {d.prefill_to_decode:.3f}",
             f"  co-located: {colocated}",
             f"  disaggregation {'pays' if d.pays else 'does not pay'}: co-located needs {d.gain:.2f}x the GPUs",
-            *(f"  {side} server: {command or 'no vLLM mode serves this layout'}"
-              for side, command in zip(("prefill", "decode"), split_commands(d, plan.model_ref))),
+            *(f"  {side}: {command or 'no vLLM mode serves this layout'}"
+              for side, command in zip(("prefill server", "decode server", "router"),
+                                       split_commands(d, plan.model_ref).values())),
         ]
     if args.plot:
         lines += ["", f"plot: {args.plot}"]

@@ -23,6 +23,7 @@ and time to first token are not modelled.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,9 +159,10 @@ def plan_disaggregation(model: ModelSpec, hardware: HardwareSpec, precision: Pre
                               decode, aggregated)
 
 
-def split_commands(plan: DisaggregationPlan, model_ref: str) -> tuple[str, str | None]:
-    """The prefill and decode server commands of ``plan``, joined by the plugin's KV connector
-    (the decode one ``None`` where no vLLM mode serves its layout).
+def split_commands(plan: DisaggregationPlan, model_ref: str) -> dict[str, str | None]:
+    """The prefill, decode and router commands of ``plan``: the two servers joined by the plugin's KV
+    connector (decode ``None`` where no vLLM mode serves its layout), and the vLLM project's router
+    in front, one ``--prefill``/``--decode`` URL per server instance.
 
     The connector's transport is local files (one host or a shared file system); across
     GPU nodes vLLM's NIXL connector is the transport where vLLM allows it under Helix
@@ -168,5 +170,11 @@ def split_commands(plan: DisaggregationPlan, model_ref: str) -> tuple[str, str |
     """
     prefill = Layout("tp", tpa=plan.prefill.gpus, tpf=plan.prefill.gpus).serve_command(model_ref)
     decode = plan.decode.command(model_ref)
-    return (f"{prefill} --kv-transfer-config '{kv_transfer_config('kv_producer')}'",
-            None if decode is None else f"{decode} --kv-transfer-config '{kv_transfer_config('kv_consumer')}'")
+    prefills = max(1, math.ceil(plan.prefill_gpus / plan.prefill.gpus - 1e-9))
+    decodes = max(1, math.ceil(plan.decode_gpus / plan.decode.layout.gpus - 1e-9))
+    router = ("vllm-router --vllm-pd-disaggregation "
+              + " ".join(f"--prefill http://PREFILL_{i}:8000" for i in range(1, prefills + 1)) + " "
+              + " ".join(f"--decode http://DECODE_{i}:8000" for i in range(1, decodes + 1)))
+    return {"prefill": f"{prefill} --kv-transfer-config '{kv_transfer_config('kv_producer')}'",
+            "decode": None if decode is None else f"{decode} --kv-transfer-config '{kv_transfer_config('kv_consumer')}'",
+            "router": router}
