@@ -341,6 +341,7 @@ def fixed_cost_lines(payload: dict[str, Any]) -> list[str]:
 
     rows = _profile_rows("llama_kv1", 4096)
     ratio = dict(ratios(payload, "llama_kv1", 1))
+    deepseek = dict(ratios(payload, "deepseek_v3", 1))
     if not ({"TP=2", "Helix kvp=2"} <= set(rows) and 4096 in ratio):
         return []
     tp, helix = (grouped(rows[c]["ops_ms"]) for c in ("TP=2", "Helix kvp=2"))
@@ -352,8 +353,8 @@ def fixed_cost_lines(payload: dict[str, Any]) -> list[str]:
         f"layer than TP's, a query all-gather and an exchange (collectives {extra['collectives']:+.2f} ms per "
         f"step, including the wait for the peer), the plugin's Python around its hops "
         f"({extra['helix hops (self)']:+.2f} ms) and small torch operations ({extra['other torch ops']:+.2f} ms), "
-        f"against a 4K-token read of {tp.get('attention kernel', 0.0):.2f} ms that halving cannot repay. The "
-        "DeepSeek twin's attention read is large enough at 4K that Helix already wins there.",
+        f"against a 4K-token read of {tp.get('attention kernel', 0.0):.2f} ms that halving cannot repay."
+        + (f" The DeepSeek twin at 4K, batch 1: {deepseek[4096]:.2f}x in this sweep." if 4096 in deepseek else ""),
     ]
 
 
@@ -441,8 +442,8 @@ def markdown(payload: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Targets (long-context issue); each twin's TP and Helix measured in one run", ""]
     lines += target_lines(payload)
-    lines += ["", "Where Helix still misses, from [decode_step_profile.md](decode_step_profile.md) (same code, run "
-              "right after this one):",
+    lines += ["", "Where Helix still misses, from the committed [decode_step_profile.md](decode_step_profile.md) "
+              "(same code, its own run; its TPOTs are quoted beside this sweep's):",
               "",
               *fixed_cost_lines(payload),
               *kernel_gap_lines(payload),
