@@ -21,7 +21,8 @@ import pytest
 from vllm_helix.commands.serve import vllm_serve_argv
 from vllm_helix.config import HelixConfig
 from vllm_helix.harness.server import EXACT_ROPE_FLAGS
-from vllm_helix.harness.split import check_split, connector_loads, router_command, router_installed, split_commands
+from vllm_helix.harness.split import (check_split, connector_loads, router_command, router_errors, router_installed,
+                                      split_commands)
 
 
 def _after(argv: list[str], flag: str) -> str:
@@ -57,6 +58,13 @@ def test_connector_loads_reads_the_decode_log() -> None:
            "INFO something else\nHelixConnector: loading 599 tokens of a 600-token prompt (request b)\n")
     assert connector_loads(log) == [(511, 512), (599, 600)]
     assert connector_loads("no loads") == []
+
+
+def test_router_errors_are_found_in_its_coloured_log() -> None:
+    log = ("\x1b[2m2026-12-01 14:47:55\x1b[0m \x1b[33m WARN\x1b[0m no kv_transfer_params\n"
+           "\x1b[2m2026-12-01 14:47:56\x1b[0m \x1b[31mERROR\x1b[0m decode failed\n")
+    assert router_errors(log) == ["2026-12-01 14:47:56 ERROR decode failed"]
+    assert router_errors("2026-12-01 WARN fine\n") == []
 
 
 # ---------------------------------------------------------------------------- served, slow
@@ -98,4 +106,4 @@ def test_vllm_bench_serve_through_the_router_has_no_failures(split_record: dict[
     bench = split_record["bench"]
     assert (bench["completed"], bench["failed"]) == (BENCH_PROMPTS, 0)
     assert split_record["loads_during_bench"] >= BENCH_PROMPTS
-    assert split_record["router_errors"] == 0
+    assert split_record["router_errors"] == []

@@ -105,6 +105,12 @@ def connector_loads(log_text: str) -> list[tuple[int, int]]:
             re.findall(r"HelixConnector: loading (\d+) tokens of a (\d+)-token prompt", log_text)]
 
 
+def router_errors(log_text: str) -> list[str]:
+    """The router's ERROR lines (its log is coloured: the ANSI codes are dropped first)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log_text)
+    return [line for line in plain.splitlines() if re.search(r"\bERROR\b", line)]
+
+
 def check_split(model: str | Path, prompts: list[list[int]], max_tokens: int, helix: HelixConfig,
                 log_dir: Path, store: Path, engine_args: Sequence[str] = (), bench_prompts: int = 8,
                 bench_input_len: int = 600, bench_concurrency: int = 2) -> dict[str, Any]:
@@ -135,7 +141,7 @@ def check_split(model: str | Path, prompts: list[list[int]], max_tokens: int, he
         "max_logprob_diff": worst, "logprob_tolerance": LOGPROB_TOLERANCE,
         "loads_for_checked_prompts": loads[:loads_before_bench],
         "loads_during_bench": len(loads) - loads_before_bench,
-        "router_errors": len(re.findall(r"\bERROR\b", router_log)),
+        "router_errors": router_errors(router_log),
         "bench": {k: bench.get(k) for k in BENCH_METRICS} | {"command": bench["command"],
                                                             "input_len": bench_input_len,
                                                             "concurrency": bench_concurrency},
