@@ -53,6 +53,9 @@ def test_every_preset_loads(preset: Path) -> None:
         (["--helix", "kvp=2", "--additional-config", '{"helix": {}}'], "remove 'helix' from --additional-config"),
         (["--helix-config", "missing.yaml"], "'missing.yaml' does not exist"),
         (["--helix", "off", "--helix-config", "x.yaml"], "--helix off serves without a layout"),
+        (["--helix", "off", "--additional-config", "{bad"], "--additional-config is not valid JSON"),
+        (["--helix", "off", "--additional-config", '{"helix": {}}'],
+         "--helix off serves without a layout; remove 'helix' from --additional-config"),
     ],
 )
 def test_bad_serve_arguments_are_named(argv: list[str], message: str) -> None:

