@@ -43,7 +43,7 @@ CONFIGS = ("TP=2", "Helix kvp=2")
 # vLLM's CPU MLA prefill (no chunking) needs ~9 GB per worker at 16K tokens: two workers on a 24 GiB
 # machine are OOM-killed (seen 2026-11-30), so the DeepSeek twin is prefilled for real only at 4K.
 REAL_PREFILL_MAX = {"deepseek_v3": 4096}
-REPEAT_MAX_CONTEXT = 65536  # points up to this context are timed --repeats times (median kept); longer ones once
+REPEAT_MAX_CONTEXT = 65536  # points up to this context are timed --repeats times per engine; longer ones once
 MAX_POSITIONS = 4 * 1024 * 1024  # twins get this many positions (random weights: positions are only a limit)
 
 
@@ -173,8 +173,9 @@ def merge_repeats(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def more_instances(model: Path, config: str, points: list[tuple[int, int]], fill: bool, output_len: int,
-                   log: Path, timeout_s: float, instances: int, repeats: int) -> list[dict[str, Any]]:
-    """Samples of ``points`` (each ``repeats`` times) from ``instances - 1`` further fresh engines.
+                   log: Path, timeout_s: float, instances: int) -> list[dict[str, Any]]:
+    """Samples of ``points`` (as listed: a point listed n times is timed n times) from ``instances - 1``
+    further fresh engines.
 
     On this project's two-core VM one engine's repeats of a point agree within
     10-20%, but the same point moves by 30-40% between engine instances (where the
@@ -187,7 +188,7 @@ def more_instances(model: Path, config: str, points: list[tuple[int, int]], fill
     if not points:
         return samples
     for instance in range(1, instances):
-        result = run_engine(model, config, [p for p in points for _ in range(repeats)], fill, output_len,
+        result = run_engine(model, config, points, fill, output_len,
                             log.with_name(f"{log.stem}-instance{instance}.log"), timeout_s)
         if "error" in result:  # the first instance ran these points: a later failure is the machine's
             raise SystemExit(f"instance {instance} of {config} on {model.name} failed: {result['error']}")
@@ -235,9 +236,8 @@ def measure(model_name: str, config: str, args: argparse.Namespace) -> dict[str,
                                      for c, b in points if (c, b) not in finished]
                 points = []
             else:
-                short = [p for p in points if p[0] <= REPEAT_MAX_CONTEXT]
-                samples = result["points"] + more_instances(model, config, short, fill, args.output_len, log,
-                                                            args.timeout, args.instances, args.repeats)
+                samples = result["points"] + more_instances(model, config, repeated, fill, args.output_len, log,
+                                                            args.timeout, args.instances)
                 record["points"] += [{**p, "fill": fill} for p in merge_repeats(samples)]
                 points = []
     record["points"].sort(key=lambda p: (p["batch"], p["context"]))
@@ -396,9 +396,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "one core each, 1 GiB of KV cache per worker (`VLLM_CPU_KVCACHE_SPACE=1`), `enforce_eager`, greedy, "
         f"{s['output_len']} output tokens per request. TPOT from vLLM's engine timestamps per request, "
         "(last token - first token) / (tokens - 1): prefill excluded; mean over the batch"
-        + (f"; points up to {_tokens(REPEAT_MAX_CONTEXT)} tokens timed {s['repeats']} times in each of "
-           f"{s.get('instances', 1)} fresh engine(s), the median of all samples kept (a short context's TPOT "
-           "spreads by tens of percent on this shared VM, and by more between engine instances than within one)"
+        + (f"; every point timed in each of {s.get('instances', 1)} fresh engine(s), {s['repeats']} times per "
+           f"engine up to {_tokens(REPEAT_MAX_CONTEXT)} tokens and once beyond, the median of all samples kept (a "
+           "TPOT spreads by tens of percent on this shared VM, and by more between engine instances than within one)"
            if s.get("repeats", 1) > 1 else "") + ". Batch-1 contexts up to "
         f"{_tokens(s['real_prefill_max'])} are prefilled for real (the DeepSeek twin up to "
         f"{_tokens(REAL_PREFILL_MAX['deepseek_v3'])}: vLLM's unchunked CPU MLA prefill of 16K tokens needs ~9 GB per "
@@ -513,20 +513,45 @@ def _ints(text: str, parser: argparse.ArgumentParser, flag: str) -> list[int]:
     return sorted(set(values))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep's flags, shared with ``measure_hardware.py`` (which runs this sweep with its fit points)."""
     parser.add_argument("--models", default="llama_kv1,deepseek_v3")
     # 1M and 2M are decimal: TP=2's 1 GiB per worker holds 1,047,042 Llama-twin tokens, just under 2**20.
     parser.add_argument("--contexts", default="4096,16384,65536,131072,262144,1000000,2000000")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5,
-                        help=f"times each point up to {REPEAT_MAX_CONTEXT:,} tokens is timed (the median is kept)")
+                        help=f"times each engine times a point up to {REPEAT_MAX_CONTEXT:,} tokens (longer: once)")
     parser.add_argument("--instances", type=int, default=3,
-                        help=f"fresh engines that time each point up to {REPEAT_MAX_CONTEXT:,} tokens "
-                             "(their samples are pooled; longer points run in the first only)")
+                        help="fresh engines that time every point (their samples are pooled, the median kept)")
     parser.add_argument("--real-prefill-max", type=int, default=16384)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per engine")
+
+
+def parse_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks the sweep's flags and turns the lists into ints (in place)."""
+    if args.repeats < 1 or args.instances < 1:
+        parser.error(f"--repeats {args.repeats} --instances {args.instances}: time each point at least once")
+    args.contexts = _ints(args.contexts, parser, "--contexts")
+    args.batches = _ints(args.batches, parser, "--batches")
+
+
+def sweep_payload(records: list[dict[str, Any]], args: argparse.Namespace, run: str,
+                  wall_s: float) -> dict[str, Any]:
+    """``long_context.json``: the records, the machine, the settings, and the run's start stamp (``run``,
+    which ``calibration.json`` repeats when the planner's profile was fitted in the same run)."""
+    from vllm_helix.harness.machine import describe_machine
+
+    return {"date": run[:10], "run": run, "machine": describe_machine(),
+            "settings": {"contexts": args.contexts, "batches": args.batches, "output_len": args.output_len,
+                         "repeats": args.repeats, "instances": args.instances,
+                         "real_prefill_max": args.real_prefill_max},
+            "records": records, "wall_s": round(wall_s, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sweep_arguments(parser)
     parser.add_argument("--log-dir", type=Path, default=Path(".cache/long-context"))
     parser.add_argument("--quick", action="store_true", help="llama only, 4K and 64K, batch 1")
     parser.add_argument("--render-only", action="store_true", help="rewrite md/png from the committed JSON")
@@ -538,24 +563,17 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.contexts, args.batches = "llama_kv1", "4096,65536", "1"
-    if args.repeats < 1 or args.instances < 1:
-        parser.error(f"--repeats {args.repeats} --instances {args.instances}: time each point at least once")
-    args.contexts = _ints(args.contexts, parser, "--contexts")
-    args.batches = _ints(args.batches, parser, "--batches")
+    parse_sweep(parser, args)
     from vllm_helix.harness.machine import describe_machine
 
-    started = time.monotonic()
+    run, started = time.strftime("%Y-%m-%dT%H:%M:%S"), time.monotonic()
     records = [measure(model, config, args) for model in args.models.split(",") for config in CONFIGS]
     if args.merge:
         kept = json.loads((RESULTS / "long_context.json").read_text())
         if kept["machine"]["cpu"] != describe_machine()["cpu"]:
             parser.error("--merge: the committed results were measured on another CPU; run every twin")
         records = [r for r in kept["records"] if r["model"] not in args.models.split(",")] + records
-    payload = {"date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-               "settings": {"contexts": args.contexts, "batches": args.batches, "output_len": args.output_len,
-                            "repeats": args.repeats, "instances": args.instances,
-                            "real_prefill_max": args.real_prefill_max},
-               "records": records, "wall_s": round(time.monotonic() - started, 1)}
+    payload = sweep_payload(records, args, run, time.monotonic() - started)
     write_results(payload)
     print(markdown(payload))
 

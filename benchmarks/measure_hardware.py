@@ -7,26 +7,32 @@ vLLM's CPU shared-memory ``shm_allreduce`` and ``shm_all_gather`` between two
 processes on this socket (a 1 KiB message for the latency, 8 MiB for the
 bandwidth), not a network.
 
-Part 2, the engine: decode TPOT of both benchmark twins (the Llama twin with one KV
-head, GQA; the DeepSeek-V3 twin, MLA) under TP=2 and Helix kvp=2, through vLLM's
-offline engine exactly as ``long_context.py`` runs them (``run_engine``, KV filled
-by vLLM's ``DecodeBenchConnector``): at 4K tokens with batch 1 and 8 on twins of 2
-and 4 layers, and at a long context (batch 1, 2 layers); each point five times
-per engine, the 4K points in three fresh engines, the median of all samples kept.
+Part 2, the engine, in one run with the long-context sweep: for each benchmark twin
+(the Llama twin with one KV head, GQA; the DeepSeek-V3 twin, MLA) and each layout
+(TP=2, Helix kvp=2) the sweep's engines (``long_context.measure``: 2 layers, 4K to
+2M tokens, batch 1 and 8, every point in three fresh engines), then right after
+them the same twin at 4 layers at 4K (batch 1 and 8, timed the same way). These
+shared VMs drift by more than the model's error between hours (the same point
+measured 1.0-1.8x apart an hour apart, 2026-12-01), so the points the fit uses and
+the points it is judged on are timed in the same run, side by side.
 
 Part 3, the fit: for each (engine: vLLM's own or Helix's, attention: GQA or MLA)
 the five constants of :mod:`vllm_helix.planner.calibration` (per-step, per-layer,
 per-sequence and per-sequence-per-layer fixed costs, and the KV read rate of one
-rank's attention kernel while every rank reads) solve the five measured points
+rank's attention kernel while every rank reads) solve five measured points
 exactly, after the cost model's own terms for those points (weights, FFN FLOPs,
-collectives at the measured shm latency) are subtracted. The long-context sweep
-(``long_context.json``) is *not* used: ``planner_validation.py`` predicts it.
+collectives at the measured shm latency) are subtracted: the sweep's 4K batch 1
+and 8 and its long point (1M tokens for Llama, 128K for DeepSeek; batch 1), and
+the two 4-layer points. Every other sweep point is held out:
+``planner_validation.py`` predicts it.
 
 Writes ``configs/hardware/<name>.yaml`` (the profile the planner reads; ``<name>``
-from the CPU, e.g. ``cpu-xeon-2core``) and ``benchmarks/results/calibration.{json,md}``
-(the raw engine timings and the fitted constants, no second copy of the profile).
+from the CPU, e.g. ``cpu-xeon-2core``), ``benchmarks/results/calibration.{json,md}``
+(the fit's engine timings and constants, no second copy of the profile) and
+``benchmarks/results/long_context.{json,md,png}`` (the sweep; both JSONs carry the
+run's start stamp, ``run``).
 
-    .venv/bin/python benchmarks/measure_hardware.py              # ~45 min on 2 cores
+    .venv/bin/python benchmarks/measure_hardware.py              # ~70 min on 2 cores
     .venv/bin/python benchmarks/measure_hardware.py --fit-only   # refit from calibration.json
 """
 
@@ -55,9 +61,8 @@ from vllm_helix.harness.spawn import run_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMALL_MESSAGE, LARGE_MESSAGE = 1024, 8 * 2**20  # bytes
-SHORT_CONTEXT, BATCHES, DEPTHS, REPEATS = 4096, (1, 8), (2, 4), 5
+SHORT_CONTEXT, BATCHES, DEEPER = 4096, (1, 8), 4  # the fit's short points, at the sweep's 2 layers and at 4
 LONG_CONTEXT = {"llama_kv1": 1_000_000, "deepseek_v3": 131072}  # the longest both layouts hold
-OUTPUT_LEN = 64  # tokens per request: a 4K TPOT is ~6 ms, so 64 of them average out machine hiccups
 
 
 def best_seconds(fn: Callable[[], Any], repeats: int, min_total_s: float = 1.5, max_calls: int = 300) -> float:
@@ -146,36 +151,58 @@ def measure_shm(repeats: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ part 2: the engine
-def engine_runs(twins: list[str], log_dir: Path, timeout_s: float, instances: int) -> list[dict[str, Any]]:
-    """Raw TPOTs: for each twin and configuration, a 2-layer engine (4K points and the long one)
-    and a 4-layer engine (4K points); the 4K points again in ``instances - 1`` fresh engines
-    (``long_context.more_instances``: the sweep the fit is judged on pools instances the same way)."""
-    rows = []
-    for name in twins:
-        for config in long_context.CONFIGS:
-            for layers in DEPTHS:
-                points = [(SHORT_CONTEXT, b) for b in BATCHES for _ in range(REPEATS)]
-                if layers == 2:
-                    points += [(LONG_CONTEXT[name], 1)] * REPEATS
-                label = f"{name}-{layers}l-{config.split()[0].replace('=', '')}"
-                print(f"[calibration] {label}: {sorted(set(points))}", flush=True)
-                started = time.monotonic()
-                model = long_context.twin(name, layers)
-                result = long_context.run_engine(model, config, points, True, OUTPUT_LEN,
-                                                 log_dir / f"{label}.log", timeout_s)
-                print(f"  {time.monotonic() - started:.0f}s: {result.get('error') or 'ok'}", flush=True)
-                if "error" in result:
-                    raise SystemExit(f"calibration engine {label} failed: {result['error']} "
-                                     f"(log: {log_dir / f'{label}.log'})")
-                samples = result["points"] + long_context.more_instances(
-                    model, config, [(SHORT_CONTEXT, b) for b in BATCHES], True, OUTPUT_LEN,
-                    log_dir / f"{label}.log", timeout_s, instances, REPEATS)
-                rows += [{"model": name, "config": config, "layers": layers, "context": p["context"],
-                          "batch": p["batch"], "tpot_ms": p["tpot_ms"], "samples_ms": p["samples_ms"],
-                          "instances": p["instances"]}
-                         for p in sorted(long_context.merge_repeats(samples),
-                                         key=lambda p: (p["context"], p["batch"]))]
+def fit_pairs(name: str) -> set[tuple[int, int]]:
+    """The (context, batch) points of a 2-layer twin the fit uses; every other sweep point is held out."""
+    return {(SHORT_CONTEXT, b) for b in BATCHES} | {(LONG_CONTEXT[name], 1)}
+
+
+def sweep_fit_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fit's 2-layer points, taken from the sweep's record of one (twin, configuration)."""
+    wanted = fit_pairs(record["model"])
+    rows = [{"model": record["model"], "config": record["config"], "layers": 2, "context": p["context"],
+             "batch": p["batch"], "tpot_ms": p["tpot_ms"], "samples_ms": p["samples_ms"],
+             "instances": p["instances"]}
+            for p in record["points"] if (p["context"], p["batch"]) in wanted and "tpot_ms" in p]
+    missing = wanted - {(r["context"], r["batch"]) for r in rows}
+    if missing:
+        raise SystemExit(f"calibration: the sweep of {record['model']} {record['config']} has no TPOT at "
+                         f"{sorted(missing)} (see its points: {record['points']})")
     return rows
+
+
+def deeper_rows(name: str, config: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The fit's 4-layer points (4K, batch 1 and 8), timed like the sweep's: ``args.instances`` fresh engines,
+    ``args.repeats`` samples each, KV filled by ``DecodeBenchConnector``. They separate per-step from per-layer
+    costs (the sweep's 2-layer points alone cannot), which a deep model's prediction needs."""
+    model = long_context.twin(name, DEEPER)
+    points = [(SHORT_CONTEXT, b) for b in BATCHES for _ in range(args.repeats)]
+    label = f"{name}-{DEEPER}l-{config.split()[0].replace('=', '')}"
+    log = args.log_dir / f"{label}.log"
+    print(f"[calibration] {label}: {sorted(set(points))}", flush=True)
+    result = long_context.run_engine(model, config, points, True, args.output_len, log, args.timeout)
+    if "error" in result:
+        raise SystemExit(f"calibration engine {label} failed: {result['error']} (log: {log})")
+    samples = result["points"] + long_context.more_instances(model, config, points, True, args.output_len, log,
+                                                             args.timeout, args.instances)
+    return [{"model": name, "config": config, "layers": DEEPER, "context": p["context"], "batch": p["batch"],
+             "tpot_ms": p["tpot_ms"], "samples_ms": p["samples_ms"], "instances": p["instances"]}
+            for p in sorted(long_context.merge_repeats(samples), key=lambda p: (p["context"], p["batch"]))]
+
+
+def engine_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The long-context sweep and the fit's points, in one run: for each twin and configuration the sweep's
+    engines (2 layers, every context; ``long_context.measure``) and, right after them, the 4-layer engines.
+
+    One run because these shared VMs drift: the same engine point measured 1.0-1.8x apart an hour apart
+    (2026-12-01), more than the model's error, so a profile fitted in one hour cannot be judged on a sweep
+    timed in another. Returns the sweep's records and the fit's rows."""
+    records, rows = [], []
+    for name in args.models.split(","):
+        for config in long_context.CONFIGS:
+            record = long_context.measure(name, config, args)
+            records.append(record)
+            rows += sweep_fit_rows(record) + deeper_rows(name, config, args)
+    return records, rows
 
 
 # ------------------------------------------------------------------ part 3: the fit
@@ -231,13 +258,16 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
         f"Machine: {payload['machine_line']}; {payload['date']}. Profile: "
         f"`configs/hardware/{payload['profile_name']}.yaml`. Reproduce: "
         "`.venv/bin/python benchmarks/measure_hardware.py` (or `--fit-only` to refit these timings after a "
-        "cost-model change). The fit never sees the long-context sweep; "
-        "[planner_validation.md](planner_validation.md) predicts it.",
+        "cost-model change). The fit's points and the long-context sweep ([long_context.md](long_context.md)) "
+        f"were timed in one run (started {payload['run']}, {payload['wall_s'] / 60:.0f} min): the fit uses the "
+        "sweep's 4K and long points and 4-layer 4K points timed between its engines; "
+        "[planner_validation.md](planner_validation.md) predicts every other sweep point.",
         "",
         "## The machine",
         "",
         f"- memory: {memory['copy_bytes_per_s'] / 1e9:.1f} GB/s tensor copy (read + write), "
-        f"{memory['read_bytes_per_s'] / 1e9:.1f} GB/s streaming read, all cores",
+        f"{memory['read_bytes_per_s'] / 1e9:.1f} GB/s streaming read, all cores; the copy again at the run's "
+        f"end: {memory['copy_bytes_per_s_at_end'] / 1e9:.1f} GB/s (the machine's drift over the run)",
         "- matmul: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in flops.items()),
         *(f"- vLLM `shm_{op.replace('_', '')}` between the two worker processes: "
           f"{v['latency_s'] * 1e6:.1f} us for 1 KiB, {v['bandwidth_bytes_per_s'] / 1e9:.2f} GB/s at 8 MiB"
@@ -245,8 +275,9 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
         "",
         "## Engine timings the fit uses",
         "",
-        "TPOT through vLLM's offline engine (KV filled by `DecodeBenchConnector`, "
-        f"{OUTPUT_LEN} tokens per request), the median of the samples shown.",
+        "TPOT through vLLM's offline engine, as long_context.md times it (2 layers: the sweep's own points; "
+        "4 layers: KV filled by `DecodeBenchConnector`), the median of the samples shown (every fresh engine's, "
+        "pooled).",
         "",
         "| twin | configuration | layers | context | batch | TPOT ms (median) | samples ms | model ms |",
         "|---|---|---:|---:|---:|---:|---|---:|",
@@ -287,10 +318,7 @@ def main() -> None:
     parser.add_argument("--fit-only", action="store_true",
                         help="refit the calibration from calibration.json's engine timings (after a cost-model "
                              "change), keeping the measured machine section")
-    parser.add_argument("--twins", default="llama_kv1,deepseek_v3")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per engine")
-    parser.add_argument("--instances", type=int, default=3,
-                        help="fresh engines that time the 4K points (samples pooled; the long point runs in one)")
+    long_context.sweep_arguments(parser)
     parser.add_argument("--log-dir", type=Path, default=Path(".cache/calibration"))
     args = parser.parse_args()
     if args.fit_only:
@@ -302,11 +330,19 @@ def main() -> None:
         write_report({**payload, "calibration": profile["calibration"]})
         print(f"refitted {path}")
         return
+    long_context.parse_sweep(parser, args)
+    unknown = sorted(set(args.models.split(",")) - set(LONG_CONTEXT))
+    needed = sorted({SHORT_CONTEXT, *(LONG_CONTEXT[m] for m in args.models.split(",") if m in LONG_CONTEXT)}
+                    - set(args.contexts)) + sorted(set(BATCHES) - set(args.batches))
+    if unknown or needed:
+        parser.error(f"the fit needs twins among {sorted(LONG_CONTEXT)} (got {unknown}) and contexts "
+                     f"{SHORT_CONTEXT} and the twin's long point, batches {BATCHES} (missing: {needed})")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    run, started = time.strftime("%Y-%m-%dT%H:%M:%S"), time.monotonic()
     memory = measure_memory(7)
     flops = {"fp32": measure_matmul(torch.float32, 2048, 7), "bf16": measure_matmul(torch.bfloat16, 1024, 7)}
     shm = measure_shm(200)
-    date, machine = datetime.date.today().isoformat(), describe_machine()
+    date, machine = run[:10], describe_machine()
     name = profile_for(machine)
     profile: dict[str, Any] = {
         "name": name,
@@ -320,14 +356,18 @@ def main() -> None:
         "power": {"tdp_w": 9},
     }
     print(json.dumps({"memory": memory, "flops": flops, "shm": shm}), flush=True)
-    rows = engine_runs(args.twins.split(","), args.log_dir, args.timeout, args.instances)
+    records, rows = engine_runs(args)
+    memory["copy_bytes_per_s_at_end"] = measure_memory(7)["copy_bytes_per_s"]  # the run's drift, reported
+    wall_s = time.monotonic() - started
+    sweep = long_context.sweep_payload(records, args, run, wall_s)
+    long_context.write_results(sweep)
     profile["calibration"] = fit(profile, rows)
     path = HARDWARE_PRESET_DIR / f"{name}.yaml"
     write_profile(path, profile, memory, date, machine_line(machine))
-    write_report({"date": date, "machine": machine, "machine_line": machine_line(machine), "profile_name": name,
-                  "memory": memory, "flops": flops, "shm": shm, "engine": rows,
-                  "calibration": profile["calibration"]})
-    print(f"wrote {path} and {RESULTS / 'calibration.md'}")
+    write_report({"date": date, "run": run, "machine": machine, "machine_line": machine_line(machine),
+                  "profile_name": name, "memory": memory, "flops": flops, "shm": shm, "engine": rows,
+                  "calibration": profile["calibration"], "wall_s": round(wall_s, 1)})
+    print(f"wrote {path}, {RESULTS / 'calibration.md'} and {RESULTS / 'long_context.md'}")
 
 
 if __name__ == "__main__":

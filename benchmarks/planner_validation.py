@@ -1,14 +1,14 @@
-"""Does the calibrated planner predict the long-context sweep it never saw?
+"""Does the calibrated planner predict the long-context points it was not fitted on?
 
-``measure_hardware.py`` fits this machine's profile on its own engine runs (4K
-tokens at two depths and two batch sizes, and one long context). This script
-prices every point of ``long_context.json`` (TP=2 and Helix kvp=2, both twins, 4K
-to 2M tokens, batch 1 and 8: another run, on other days' noise) with
-``vllm-helix plan``'s cost model on that profile and compares:
+``measure_hardware.py`` times the long-context sweep (``long_context.json``: TP=2
+and Helix kvp=2, both twins, 4K to 2M tokens, batch 1 and 8) and, in the same run,
+fits this machine's profile on five points per (twin, layout): the sweep's 4K
+batch 1 and 8 and its long point, and two 4-layer 4K points. This script prices
+every sweep point with ``vllm-helix plan``'s cost model on that profile and compares:
 
-* every TPOT: error = predicted / measured - 1. Points at the fit's own (context,
-  batch) pairs are marked 'fit context' (same shape, independent run); the others
-  are held out and must land within 20%;
+* every TPOT: error = predicted / measured - 1. The fit's own points are marked
+  'fit' (reproduced by construction); every other point is held out and must land
+  within 20%;
 * the crossover context where Helix starts to win (measured: log-linear between
   the sweep's points, as ``long_context.md`` does; predicted: where the model's
   ratio crosses 1), within 25%.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import long_context
-from measure_hardware import LONG_CONTEXT, SHORT_CONTEXT, BATCHES, profile_for, twin_spec
+from measure_hardware import fit_pairs, profile_for, twin_spec
 from vllm_helix.harness.machine import machine_line
 from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, predicted_step
 from vllm_helix.planner.hardware_spec import HardwareSpec, load_hardware
@@ -79,7 +79,7 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
     """Every measured point priced, errors, and crossovers, against the tolerances."""
     rows = []
     for record in sweep["records"]:
-        fit_pairs = {(SHORT_CONTEXT, b) for b in BATCHES} | {(LONG_CONTEXT[record["model"]], 1)}
+        fitted = fit_pairs(record["model"])
         for point in record["points"]:
             if "tpot_ms" not in point:
                 continue
@@ -88,7 +88,7 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
                          "batch": point["batch"], "measured_ms": point["tpot_ms"],
                          "samples_ms": point.get("samples_ms", [point["tpot_ms"]]), "predicted_ms": predicted,
                          "error": predicted / point["tpot_ms"] - 1.0,
-                         "role": "fit context" if (point["context"], point["batch"]) in fit_pairs else "held out"})
+                         "role": "fit" if (point["context"], point["batch"]) in fitted else "held out"})
     crossovers = []
     for model in sorted({r["model"] for r in sweep["records"]}):
         for batch in sweep["settings"]["batches"]:
@@ -105,7 +105,7 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
                                "measured_range": crossover_range(sweep, model, batch)})
     held = [r for r in rows if r["role"] == "held out"]
     return {"profile": hw.name, "profile_description": hw.description,
-            "sweep_machine": sweep["machine"], "sweep_date": sweep["date"],
+            "sweep_machine": sweep["machine"], "sweep_date": sweep["date"], "sweep_run": sweep.get("run"),
             "sweep_instances": sweep["settings"].get("instances", 1), "rows": rows,
             "crossovers": crossovers,
             "summary": {"held_out": len(held),
@@ -122,7 +122,7 @@ def _tokens(n: float | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [
-        "# The planner against the long-context sweep it was not fitted on",
+        "# The planner against the long-context points it was not fitted on",
         "",
         f"Profile `configs/hardware/{result['profile']}.yaml` (fitted by `benchmarks/measure_hardware.py`, "
         f"[calibration.md](calibration.md)) against `long_context.json` ({result['sweep_date']}, "
@@ -162,12 +162,13 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{'inside' if inside else 'outside'} the samples' range).")
     instances = result.get("sweep_instances", 1)
     lines += [
-        "- Where the misses come from: one engine's repeated samples of a point agree within ~10-20%, but the same "
+        "- How the points were timed: one engine's repeated samples of a point agree within ~10-20%, but the same "
         "point moves by 30-40% between engine instances on this VM (which cores the workers land on, where vLLM's "
-        f"allocator put the blocks). The sweep therefore times every point up to 64K in {instances} fresh engines "
-        "and keeps the median of all their samples (the samples above run instance by instance); the profile "
-        f"({result['profile_description']}) was fitted on other engine instances (calibration.md), so the "
-        "comparison is out of sample in data and in engine instance.",
+        f"allocator put the blocks). The sweep therefore times every point in {instances} fresh engines and keeps "
+        "the median of all their samples (the samples above run instance by instance). The profile "
+        f"({result['profile_description']}) was fitted in the same run (`run` {result.get('sweep_run', '-')}): "
+        "the machine's speed drifts between hours by more than the model's error, so a fit from another hour "
+        "would judge the drift, not the model.",
         "- The crossover is the context where two such curves meet, so its error is the difference of two noisy "
         "fixed costs divided by a small slope: on the Llama twin the two layouts are within ~10% of each other from "
         "4K to 64K, and the measured crossover ranges over a decade within the sweep's own samples.",
@@ -187,7 +188,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     colors = {"TP=2": "tab:blue", "Helix kvp=2": "tab:red"}
     for r in result["rows"]:
         ax.scatter(r["measured_ms"], r["predicted_ms"], marker=markers.get(r["model"], "o"),
-                   color=colors[r["config"]], facecolors="none" if r["role"] == "fit context" else colors[r["config"]])
+                   color=colors[r["config"]], facecolors="none" if r["role"] == "fit" else colors[r["config"]])
     values = [v for r in result["rows"] for v in (r["measured_ms"], r["predicted_ms"])]
     low, high = min(values) / 1.3, max(values) * 1.3
     ax.plot([low, high], [low, high], color="black", linewidth=1)
@@ -196,7 +197,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for model, marker in markers.items():
         for config, color in colors.items():
             ax.scatter([], [], marker=marker, color=color, label=f"{model}, {config}")
-    ax.scatter([], [], marker="o", color="grey", facecolors="none", label="fit context (independent run)")
+    ax.scatter([], [], marker="o", color="grey", facecolors="none", label="fit point (reproduced by construction)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(low, high)
