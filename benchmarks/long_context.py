@@ -11,9 +11,10 @@ filled by vLLM's ``DecodeBenchConnector`` (vLLM's own tool for timing decode at
 lengths a CPU cannot prefill: outputs are meaningless, timings are real). A point
 that does not fit in the KV cache is recorded as such with vLLM's refusal.
 
-Writes ``benchmarks/results/long_context.{json,md,png}``.
+Writes ``benchmarks/results/long_context.{json,md,png}``. The committed sweep comes from
+``measure_hardware.py``, which runs this sweep and the planner's calibration in one run.
 
-    .venv/bin/python benchmarks/long_context.py                 # the committed run (~60 min on 2 cores)
+    .venv/bin/python benchmarks/long_context.py                 # the sweep alone (~50 min on 2 cores)
     .venv/bin/python benchmarks/long_context.py --quick         # smoke run (4K and 64K, llama only)
     .venv/bin/python benchmarks/long_context.py --render-only   # rewrite md/png from the JSON
 """
@@ -370,10 +371,14 @@ def kernel_gap_lines(payload: dict[str, Any]) -> list[str]:
             and all(p and "tpot_ms" in p for p in (tp_short, helix_short, tp_256, helix_256))):
         return []
     kernel = {config: grouped(row["ops_ms"]).get("attention kernel", 0.0) for config, row in rows.items()}
+    tp_1m, helix_1m = _point(tp, 1000000, 1), _point(helix, 1000000, 1)
+    at_1m = (f", {helix_1m['tpot_ms'] / tp_1m['tpot_ms']:.2f}x at 1M"
+             if tp_1m and helix_1m and "tpot_ms" in tp_1m and "tpot_ms" in helix_1m else "")
     # Helix at 256K if its kernel read a byte as fast as TP's: its 4K cost plus half of TP's added read time
     at_vllm_rate = (helix_short["tpot_ms"] + (tp_256["tpot_ms"] - tp_short["tpot_ms"]) / 2) / tp_256["tpot_ms"]
     return [
-        f"- **256K on the Llama twin** ({helix_256['tpot_ms'] / tp_256['tpot_ms']:.2f}x): at 1M the profile shows "
+        f"- **256K and beyond on the Llama twin** ({helix_256['tpot_ms'] / tp_256['tpot_ms']:.2f}x at 256K{at_1m}): "
+        "at 1M the profile shows "
         f"Helix's C++ kernel reading its half of the cache in {kernel['Helix kvp=2']:.0f} ms per step where vLLM's "
         f"C++ kernel reads the whole in {kernel['TP=2']:.0f} ms, i.e. vLLM's kernel moves a byte "
         f"{2 * kernel['Helix kvp=2'] / kernel['TP=2']:.2f}x as fast in the served setting. A TP rank runs 4 of the "
@@ -405,8 +410,9 @@ def markdown(payload: dict[str, Any]) -> str:
         "worker, and the kernel kills a worker on this 24 GiB machine); all other points have their KV filled by vLLM's "
         "`DecodeBenchConnector` (timings real, outputs meaningless). TP=2 runs vLLM's own CPU kernels "
         "(`CPU_ATTN`; MLA `CPU_MLA` in float32); Helix runs the plugin's per-shard kernels and exchange. "
-        "Reproduce: `.venv/bin/python benchmarks/long_context.py` (about 40 min; `--models deepseek_v3 --merge` "
-        "re-measures one twin and keeps the other's records from the same machine).",
+        "Reproduce: `.venv/bin/python benchmarks/measure_hardware.py` (this sweep and the planner's calibration "
+        "in one run, about 65 min), or `.venv/bin/python benchmarks/long_context.py` for the sweep alone "
+        "(`--models deepseek_v3 --merge` re-measures one twin and keeps the other's records from the same machine).",
         "",
     ]
     for model in sorted({r["model"] for r in payload["records"]}):

@@ -32,7 +32,7 @@ from the CPU, e.g. ``cpu-xeon-2core``), ``benchmarks/results/calibration.{json,m
 ``benchmarks/results/long_context.{json,md,png}`` (the sweep; both JSONs carry the
 run's start stamp, ``run``).
 
-    .venv/bin/python benchmarks/measure_hardware.py              # ~70 min on 2 cores
+    .venv/bin/python benchmarks/measure_hardware.py              # ~65 min on 2 cores
     .venv/bin/python benchmarks/measure_hardware.py --fit-only   # refit from calibration.json
 """
 

@@ -42,12 +42,16 @@ def predicted_tpot_ms(hw: HardwareSpec, model: str, config: str, context: int, b
     return float(predicted_step(point, hw).ttl[0]) * 1e3
 
 
+def predicted_ratio(hw: HardwareSpec, model: str, batch: int, context: float) -> float:
+    """The model's Helix kvp=2 / TP=2 TPOT at ``context``."""
+    c = int(round(context))
+    return predicted_tpot_ms(hw, model, "Helix kvp=2", c, batch) / predicted_tpot_ms(hw, model, "TP=2", c, batch)
+
+
 def predicted_crossover(hw: HardwareSpec, model: str, batch: int, low: int, high: int) -> float | None:
     """Context in [low, high] where the model's Helix/TP ratio crosses 1 (bisection in log context)."""
     def ratio(context: float) -> float:
-        c = int(round(context))
-        return (predicted_tpot_ms(hw, model, "Helix kvp=2", c, batch)
-                / predicted_tpot_ms(hw, model, "TP=2", c, batch))
+        return predicted_ratio(hw, model, batch, context)
 
     if ratio(low) < 1.0:
         return float(low)  # wins from the shortest context on, as long_context.crossover reports it
@@ -102,6 +106,8 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
                      0.0 if floor and predicted <= measured else predicted / measured - 1.0)
             crossovers.append({"model": model, "batch": batch, "measured": measured, "predicted": predicted,
                                "at_shortest_context": floor, "error": error,
+                               "predicted_ratio_at_measured": predicted_ratio(hw, model, batch, measured),
+                               "measured_ratios": pairs,
                                "measured_range": crossover_range(sweep, model, batch)})
     held = [r for r in rows if r["role"] == "held out"]
     return {"profile": hw.name, "profile_description": hw.description,
@@ -144,14 +150,17 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "## Crossover: the context from which Helix kvp=2 decodes faster than TP=2", "",
               "Measured from the sweep's medians (log-linear between points, as long_context.md); the range is what "
               "the sweep's own repeated samples allow (most to least favourable to Helix; '-' as the upper end: the "
-              "least favourable samples never cross). '<=' means Helix already wins at the shortest context.", "",
-              "| twin | batch | measured | range over samples | predicted | error |", "|---|---:|---:|---|---:|---:|"]
+              "least favourable samples never cross). '<=' means Helix already wins at the shortest context. "
+              "'model's ratio there': the cost model's Helix/TP TPOT at the measured crossover (for a crossing inside the "
+              "sweep 1.00 would be exact; on a '<=' row any value below 1 agrees).", "",
+              "| twin | batch | measured | range over samples | predicted | error | model's ratio there |",
+              "|---|---:|---:|---|---:|---:|---:|"]
     for c in result["crossovers"]:
         measured = ("<= " if c["at_shortest_context"] else "~") + _tokens(c["measured"])
         low, high = c["measured_range"]
         error = "-" if c["error"] is None else f"{c['error']:+.0%}"
         lines.append(f"| {c['model']} | {c['batch']} | {measured} | {_tokens(low)} to {_tokens(high)} | "
-                     f"{_tokens(c['predicted'])} | {error} |")
+                     f"{_tokens(c['predicted'])} | {error} | {c['predicted_ratio_at_measured']:.2f} |")
     lines += ["", "## Reading", ""]
     misses = [r for r in result["rows"] if r["role"] == "held out" and abs(r["error"]) > TPOT_TOLERANCE]
     for r in misses:
@@ -170,11 +179,29 @@ def markdown(result: dict[str, Any]) -> str:
         "the machine's speed drifts between hours by more than the model's error, so a fit from another hour "
         "would judge the drift, not the model.",
         "- The crossover is the context where two such curves meet, so its error is the difference of two noisy "
-        "fixed costs divided by a small slope: on the Llama twin the two layouts are within ~10% of each other from "
-        "4K to 64K, and the measured crossover ranges over a decade within the sweep's own samples.",
+        "fixed costs divided by a small slope: where the measured ratio falls slowly, a few percent of error in "
+        "either TPOT moves it by a large factor, and the sweep's own samples allow a range of more than a decade.",
+        *crossover_miss_lines(result),
         "",
         "![predicted against measured TPOT](planner_validation.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def crossover_miss_lines(result: dict[str, Any]) -> list[str]:
+    """One line per crossover outside the tolerance: how flat the measured ratio is around it."""
+    lines = []
+    for c in result["crossovers"]:
+        if c["error"] is not None and abs(c["error"]) <= CROSSOVER_TOLERANCE:
+            continue
+        around = ", ".join(f"{r:.2f} at {long_context._tokens(context)}" for context, r in c["measured_ratios"])
+        low, high = c["measured_range"]
+        moved = "" if c["predicted"] is None else f", and that moves the crossover {c['predicted'] / c['measured']:.1f}x"
+        lines.append(
+            f"- Miss: the {c['model']} batch-{c['batch']} crossover, measured ~{_tokens(c['measured'])} (the samples "
+            f"allow {_tokens(low)} to {_tokens(high)}), predicted {_tokens(c['predicted'])}. The measured Helix/TP "
+            f"ratio is {around}; the model puts the layouts {abs(c['predicted_ratio_at_measured'] - 1):.0%} apart "
+            f"where they measured equal{moved}.")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The calibrated planner predicts the committed long-context sweep it was not fitted on (issue 13's bar).
+"""The calibrated planner predicts the committed long-context points it was not fitted on (issue 13's bar).
 
 Recomputed from the committed profile (``configs/hardware/<cpu>.yaml``, fitted by
 ``measure_hardware.py``) and sweep (``long_context.json``) through the planner's
@@ -24,36 +24,35 @@ def result() -> dict:
     return validation.compute()
 
 
-# Held-out points the committed sweep misses by more than 20%, each explained in planner_validation.md
-# (engine-instance variance on this VM; each prediction lies inside its point's samples): issue 13's bar is
-# not met for them, and they stay listed here until a sweep meets it. Any other point outside 20%, or one of
-# these beyond 40%, fails.
-KNOWN_MISSES = {("llama_kv1", "TP=2", 16384, 1), ("llama_kv1", "Helix kvp=2", 16384, 1),
-                ("deepseek_v3", "TP=2", 65536, 1), ("deepseek_v3", "TP=2", 16384, 8),
-                ("deepseek_v3", "Helix kvp=2", 16384, 1)}
-
-
-def test_held_out_tpots_are_predicted_within_20_percent_but_the_listed_misses(result: dict) -> None:
+def test_every_held_out_tpot_is_predicted_within_20_percent(result: dict) -> None:
+    """Issue 13's bar on TPOT, met by the committed run (fit and sweep timed together): 21 of 21, mean 7.9%."""
     held = [r for r in result["rows"] if r["role"] == "held out"]
     assert len(held) >= 15, "the sweep lost its held-out points"
-    misses = {(r["model"], r["config"], r["context"], r["batch"]) for r in held
-              if abs(r["error"]) > validation.TPOT_TOLERANCE}
-    assert misses <= KNOWN_MISSES, sorted(misses - KNOWN_MISSES)
-    assert all(abs(r["error"]) <= 0.40 for r in held)
-    assert result["summary"]["mean_abs_error_held_out"] <= 0.16  # committed: 14.9%
+    misses = [(r["model"], r["config"], r["context"], r["batch"], round(r["error"], 3)) for r in held
+              if abs(r["error"]) > validation.TPOT_TOLERANCE]
+    assert not misses
+    assert result["summary"]["mean_abs_error_held_out"] <= 0.10
 
 
-def test_every_predicted_crossover_lies_in_the_range_the_sweeps_samples_allow(result: dict) -> None:
-    """The bar of 25% against the median crossover is met only where the sweep pins the crossover down
-    (planner_validation.md: two of four in the committed sweep); every prediction must at least fall where
-    the measured samples put it."""
+def test_the_fit_points_are_the_only_ones_not_held_out(result: dict) -> None:
+    from measure_hardware import fit_pairs
+
+    for r in result["rows"]:
+        assert (r["role"] == "fit") == ((r["context"], r["batch"]) in fit_pairs(r["model"])), r
+
+
+def test_crossovers_within_25_percent_but_the_flat_llama_one_and_all_inside_the_samples_range(result: dict) -> None:
+    """The bar of 25% against the median crossover holds for 3 of 4 in the committed run; the miss (Llama batch
+    1) is where the measured ratio falls only from 1.17 to 0.97 over 4K-16K, and the model puts the layouts 8%
+    apart there (planner_validation.md). Every prediction must still fall where the measured samples put it."""
     assert {c["model"] for c in result["crossovers"]} == {"llama_kv1", "deepseek_v3"}
     for c in result["crossovers"]:
         low, high = c["measured_range"]
         assert c["predicted"] is not None and low is not None, c
         assert low / 1.25 <= c["predicted"] and (high is None or c["predicted"] <= high * 1.25), c
-    assert sum(c["error"] is not None and abs(c["error"]) <= validation.CROSSOVER_TOLERANCE
-               for c in result["crossovers"]) >= 1
+        if c["error"] is None or abs(c["error"]) > validation.CROSSOVER_TOLERANCE:
+            assert (c["model"], c["batch"]) == ("llama_kv1", 1), c
+            assert abs(c["predicted_ratio_at_measured"] - 1.0) <= 0.10, c
 
 
 def test_the_committed_comparison_is_what_the_code_computes(result: dict) -> None:
@@ -64,10 +63,14 @@ def test_the_committed_comparison_is_what_the_code_computes(result: dict) -> Non
         assert old["predicted_ms"] == pytest.approx(new["predicted_ms"], rel=1e-9), (old, new)
 
 
-def test_the_profile_was_fitted_on_the_sweeps_machine_kind(result: dict) -> None:
+def test_the_profile_was_fitted_in_the_sweeps_own_run(result: dict) -> None:
+    """Fit and sweep from one run of measure_hardware.py: judged across hours, the VM's drift would be judged."""
     calibration = json.loads((validation.RESULTS / "calibration.json").read_text())
     assert calibration["profile_name"] == result["profile"]
     assert calibration["machine"]["cpu"] == result["sweep_machine"]["cpu"]
+    assert calibration["run"] == result["sweep_run"], (
+        "long_context.json and the profile come from different runs: re-run benchmarks/measure_hardware.py, "
+        "which times both")
 
 
 def test_each_machine_kind_has_its_own_profile_name() -> None:
