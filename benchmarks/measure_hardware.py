@@ -19,9 +19,11 @@ the points it is judged on are timed in the same run, side by side.
 Part 3, the fit: for each (engine: vLLM's own or Helix's, attention: GQA or MLA)
 the five constants of :mod:`vllm_helix.planner.calibration` (per-step, per-layer,
 per-sequence and per-sequence-per-layer fixed costs, and the KV read rate of one
-rank's attention kernel while every rank reads) solve five measured points
-exactly, after the cost model's own terms for those points (weights, FFN FLOPs,
-collectives at the measured shm latency) are subtracted: the sweep's 4K batch 1
+rank's attention kernel while every rank reads) are the least-squares fit, with
+every constant >= 0 (each is a time), to five measured points, after the cost
+model's own terms for those points (weights, FFN FLOPs, collectives at the
+measured shm latency) are subtracted (exact where the exact solution has no
+negative constant): the sweep's 4K batch 1
 and 8 and its long point (1M tokens for Llama, 128K for DeepSeek; batch 1), and
 the two 4-layer points. Every other sweep point is held out:
 ``planner_validation.py`` predicts it.
@@ -290,7 +292,8 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "'model ms' is the calibrated cost model at the same point: five constants per row group from five "
-        "points, so it reproduces them (a check of the fit, not of the model).",
+        "points, each constant held >= 0, so it reproduces them exactly unless the exact solution had a negative "
+        "cost (a check of the fit, not of the model).",
         "",
         "## Fitted constants (`calibration:` in the profile)",
         "",

@@ -7,7 +7,7 @@ batch 1 and 8 and its long point, and two 4-layer 4K points. This script prices
 every sweep point with ``vllm-helix plan``'s cost model on that profile and compares:
 
 * every TPOT: error = predicted / measured - 1. The fit's own points are marked
-  'fit' (reproduced by construction); every other point is held out and must land
+  'fit' (reproduced, exactly unless a constant was held at zero); every other point is held out and must land
   within 20%;
 * the crossover context where Helix starts to win (measured: log-linear between
   the sweep's points, as ``long_context.md`` does; predicted: where the model's
@@ -224,7 +224,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for model, marker in markers.items():
         for config, color in colors.items():
             ax.scatter([], [], marker=marker, color=color, label=f"{model}, {config}")
-    ax.scatter([], [], marker="o", color="grey", facecolors="none", label="fit point (reproduced by construction)")
+    ax.scatter([], [], marker="o", color="grey", facecolors="none", label="fit point")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(low, high)

@@ -71,8 +71,9 @@ def test_one_run_writes_a_profile_the_planner_reads_and_a_sweep_with_the_same_st
     profile = yaml.safe_load((tmp_path / f"{calibration['profile_name']}.yaml").read_text())
     hw = hardware_from_dict(profile, profile["name"])
     result = planner_validation.validate(written, hw)
-    fitted = [r for r in result["rows"] if r["role"] == "fit"]
-    assert len(fitted) == 12  # 3 sweep points per (twin, layout), each reproduced exactly by its five constants
-    # exact but for the profile's rounding of its constants (10 ns, 0.1 MB/s)
-    assert all(abs(r["error"]) < 1e-4 for r in fitted), [(r["context"], r["batch"], r["error"]) for r in fitted]
+    assert len([r for r in result["rows"] if r["role"] == "fit"]) == 12  # 3 sweep points per (twin, layout)
     assert len([r for r in result["rows"] if r["role"] == "held out"]) >= 15
+    refit = measure_hardware.fit(profile, calibration["engine"])  # the profile holds the fit of the rows written
+    assert refit == profile["calibration"]
+    deeper = {(r["model"], r["config"]) for r in calibration["engine"] if r["layers"] == measure_hardware.DEEPER}
+    assert deeper == set(records)

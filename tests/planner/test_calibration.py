@@ -10,7 +10,8 @@ import pytest
 from vllm_helix.planner.calibration import Calibration, EngineCosts, attention_of, engine_of
 from vllm_helix.planner.cost import Workload, step_cost
 from vllm_helix.planner.errors import PlannerError
-from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, fit_engine_costs, predicted_step
+from vllm_helix.planner.fit import (SERVED_LAYOUTS, EnginePoint, fit_engine_costs, non_negative_least_squares,
+                                   predicted_step)
 from vllm_helix.planner.hardware_spec import hardware_from_dict, load_hardware
 from vllm_helix.planner.layouts import Layout
 from vllm_helix.planner.loads import kv_cache_bytes
@@ -91,6 +92,47 @@ def test_the_fit_recovers_the_constants_that_made_the_points(model_name: str, co
     for got, want in zip((fitted.step, fitted.layer, fitted.sequence, fitted.sequence_layer, fitted.kv_read_rate),
                          (truth.step, truth.layer, truth.sequence, truth.sequence_layer, truth.kv_read_rate)):
         assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_non_negative_least_squares_meets_the_optimality_conditions(seed: int) -> None:
+    """KKT on random problems (fresh seeds, some with a non-negative exact solution, some without): every free
+    unknown has zero gradient, every unknown held at zero a non-negative one, and no random feasible point
+    does better."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.uniform(0.1, 2.0, (rng.integers(5, 9), 5))
+    targets = matrix @ rng.normal(0.5, 1.0, 5) + rng.normal(0, 0.1, matrix.shape[0])
+    x = non_negative_least_squares(matrix, targets)
+    gradient = matrix.T @ (matrix @ x - targets)
+    scale = np.abs(matrix.T @ targets).max()
+    assert np.all(x >= 0)
+    assert np.all(np.abs(gradient[x > 0]) <= 1e-9 * scale) and np.all(gradient[x == 0] >= -1e-9 * scale)
+    residual = np.sum((matrix @ x - targets) ** 2)
+    for _ in range(200):
+        other = np.clip(x + rng.normal(0, 0.05, 5), 0, None)
+        assert residual <= np.sum((matrix @ other - targets) ** 2) + 1e-12
+    unconstrained, *_ = np.linalg.lstsq(matrix, targets, rcond=None)
+    if np.all(unconstrained >= 0):
+        assert np.allclose(x, unconstrained)
+
+
+def test_noisy_points_never_fit_a_negative_cost() -> None:
+    """Five points whose exact solution has a negative per-sequence-per-layer cost (the 4-layer batch-8 point
+    measured 10% fast; an unconstrained fit gives -0.14 ms): the fit keeps every constant >= 0, holds exactly
+    that one at zero, and still reads the KV at a finite rate."""
+    truth = EngineCosts(3e-3, 7e-4, 2e-4, 1e-5, 5.5e9)
+    hw = hardware_from_dict(BASE, "cpu")
+    true_hw = replace(hw, calibration=Calibration({"gqa": {"vllm": truth}}))
+    points = []
+    for layers, context, batch in [(2, 4096, 1), (2, 4096, 8), (4, 4096, 1), (4, 4096, 8), (2, 131072, 1)]:
+        point = EnginePoint(replace(load_model("tiny-llama-kv1"), num_layers=layers), SERVED_LAYOUTS["TP=2"],
+                            context, batch, 0.0)
+        tpot = float(predicted_step(point, true_hw).ttl[0]) * (0.9 if (layers, batch) == (4, 8) else 1.0)
+        points.append(replace(point, tpot=tpot))
+    fitted = fit_engine_costs(hw, points)
+    assert min(fitted.step, fitted.layer, fitted.sequence, fitted.sequence_layer) >= 0
+    assert fitted.sequence_layer == 0.0
+    assert 0 < fitted.kv_read_rate < float("inf")
 
 
 def test_the_fit_refuses_points_that_cannot_separate_its_constants() -> None:

@@ -9,6 +9,7 @@ fitted constants are exactly the residual the cost model's own terms leave.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -52,14 +53,40 @@ def _with_unit_costs(hw: HardwareSpec, point: EnginePoint) -> HardwareSpec:
     return replace(hw, calibration=Calibration({kind: {engine: EngineCosts(0.0, 0.0, 0.0, 0.0, _UNIT_RATE)}}))
 
 
+def non_negative_least_squares(matrix: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``argmin |matrix @ x - targets|`` over ``x >= 0``, exactly, by trying every set of free unknowns.
+
+    The fit has five unknowns, so the 32 active sets cost nothing and need no solver
+    (the project does not depend on scipy). The optimum is the least-squares solution
+    on some set of free unknowns with the others at zero; the best feasible one wins.
+    """
+    unknowns = matrix.shape[1]
+    best, best_residual = np.zeros(unknowns), float(np.sum(targets**2))
+    for size in range(1, unknowns + 1):
+        for free in itertools.combinations(range(unknowns), size):
+            solution, *_ = np.linalg.lstsq(matrix[:, list(free)], targets, rcond=None)
+            if np.any(solution < 0):
+                continue
+            candidate = np.zeros(unknowns)
+            candidate[list(free)] = solution
+            residual = float(np.sum((matrix @ candidate - targets) ** 2))
+            if residual < best_residual * (1 - 1e-12):
+                best, best_residual = candidate, residual
+    return best
+
+
 def fit_engine_costs(hw: HardwareSpec, points: list[EnginePoint]) -> EngineCosts:
     """The five constants of one (attention, engine) that make the cost model reproduce ``points``.
 
     Each point's TPOT is the cost model's own terms (weights, FFN, collectives) plus
     ``KV bytes / rate + step + L * layer + B * (sequence + L * sequence_layer)``, linear
-    in ``1/rate`` and the four fixed costs; least squares (exact with five points on
-    two depths, two batch sizes and two contexts). Raises when the points cannot
-    separate them or the fit reads the KV at a non-positive rate.
+    in ``1/rate`` and the four fixed costs; least squares with every constant >= 0
+    (exact with five points on two depths, two batch sizes and two contexts when the
+    exact solution is non-negative). Non-negative because each is a time: an exact
+    fit to noisy points can come out with, say, a negative cost per sequence and
+    layer, which the two-layer twins barely feel but which makes each added sequence
+    of a 32-layer model cheaper than none. Raises when the points cannot separate the
+    constants or the fit reads the KV at no finite rate.
     """
     if len({(attention_of(p.model.attention), engine_of(p.layout.strategy)) for p in points}) != 1:
         raise PlannerError("fit_engine_costs: all points must share one attention kind and one engine")
@@ -75,8 +102,8 @@ def fit_engine_costs(hw: HardwareSpec, points: list[EnginePoint]) -> EngineCosts
     if np.linalg.matrix_rank(matrix) < matrix.shape[1]:
         raise PlannerError("fit_engine_costs: the points need two contexts, two batch sizes and two depths "
                            "to separate the KV read rate from the fixed costs")
-    (inverse_rate, step, layer, sequence, sequence_layer), *_ = np.linalg.lstsq(matrix, np.array(targets), rcond=None)
+    inverse_rate, step, layer, sequence, sequence_layer = non_negative_least_squares(matrix, np.array(targets))
     if inverse_rate <= 0:
-        raise PlannerError("fit_engine_costs: the measured points give a non-positive KV read rate "
+        raise PlannerError("fit_engine_costs: the measured points give no finite KV read rate "
                            "(too noisy, or no long-context point); re-measure")
     return EngineCosts(float(step), float(layer), float(sequence), float(sequence_layer), 1.0 / float(inverse_rate))
