@@ -158,12 +158,16 @@ def fit_pairs(name: str) -> set[tuple[int, int]]:
     return {(SHORT_CONTEXT, b) for b in BATCHES} | {(LONG_CONTEXT[name], 1)}
 
 
+def fit_row(name: str, config: str, layers: int, point: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``calibration.json``'s ``engine``: a merged point (``long_context.merge_repeats``) and its twin."""
+    return {"model": name, "config": config, "layers": layers, "context": point["context"], "batch": point["batch"],
+            "tpot_ms": point["tpot_ms"], "samples_ms": point["samples_ms"], "instances": point["instances"]}
+
+
 def sweep_fit_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The fit's 2-layer points, taken from the sweep's record of one (twin, configuration)."""
     wanted = fit_pairs(record["model"])
-    rows = [{"model": record["model"], "config": record["config"], "layers": 2, "context": p["context"],
-             "batch": p["batch"], "tpot_ms": p["tpot_ms"], "samples_ms": p["samples_ms"],
-             "instances": p["instances"]}
+    rows = [fit_row(record["model"], record["config"], 2, p)
             for p in record["points"] if (p["context"], p["batch"]) in wanted and "tpot_ms" in p]
     missing = wanted - {(r["context"], r["batch"]) for r in rows}
     if missing:
@@ -186,8 +190,7 @@ def deeper_rows(name: str, config: str, args: argparse.Namespace) -> list[dict[s
         raise SystemExit(f"calibration engine {label} failed: {result['error']} (log: {log})")
     samples = result["points"] + long_context.more_instances(model, config, points, True, args.output_len, log,
                                                              args.timeout, args.instances)
-    return [{"model": name, "config": config, "layers": DEEPER, "context": p["context"], "batch": p["batch"],
-             "tpot_ms": p["tpot_ms"], "samples_ms": p["samples_ms"], "instances": p["instances"]}
+    return [fit_row(name, config, DEEPER, p)
             for p in sorted(long_context.merge_repeats(samples), key=lambda p: (p["context"], p["batch"]))]
 
 

@@ -22,6 +22,7 @@ profile and sweep, so a cost-model change that breaks the fit goes red.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -50,9 +51,7 @@ def predicted_ratio(hw: HardwareSpec, model: str, batch: int, context: float) ->
 
 def predicted_crossover(hw: HardwareSpec, model: str, batch: int, low: int, high: int) -> float | None:
     """Context in [low, high] where the model's Helix/TP ratio crosses 1 (bisection in log context)."""
-    def ratio(context: float) -> float:
-        return predicted_ratio(hw, model, batch, context)
-
+    ratio = functools.partial(predicted_ratio, hw, model, batch)
     if ratio(low) < 1.0:
         return float(low)  # wins from the shortest context on, as long_context.crossover reports it
     if ratio(high) >= 1.0:
