@@ -523,7 +523,7 @@ def sweep_arguments(parser: argparse.ArgumentParser) -> None:
     """The sweep's flags, shared with ``measure_hardware.py`` (which runs this sweep with its fit points)."""
     parser.add_argument("--models", default="llama_kv1,deepseek_v3")
     # 1M and 2M are decimal: TP=2's 1 GiB per worker holds 1,047,042 Llama-twin tokens, just under 2**20.
-    parser.add_argument("--contexts", default="4096,16384,65536,131072,262144,1000000,2000000")
+    parser.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072,262144,1000000,2000000")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5,

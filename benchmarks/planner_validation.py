@@ -18,10 +18,15 @@ Writes ``benchmarks/results/planner_validation.{json,md,png}``;
 profile and sweep, so a cost-model change that breaks the fit goes red.
 
     .venv/bin/python benchmarks/planner_validation.py
+    .venv/bin/python benchmarks/planner_validation.py --run benchmarks/results/runs/<run stamp>
+
+``--run`` judges an archived run (its sweep against the ``profile.yaml`` fitted in it); the committed
+page lists every archived run's verdict, against its own fit and against the committed profile.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -32,9 +37,10 @@ import long_context
 from measure_hardware import fit_pairs, profile_for, twin_spec
 from vllm_helix.harness.machine import machine_line
 from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, predicted_step
-from vllm_helix.planner.hardware_spec import HardwareSpec, load_hardware
+from vllm_helix.planner.hardware_spec import HARDWARE_PRESET_DIR, HardwareSpec, load_hardware
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 TPOT_TOLERANCE, CROSSOVER_TOLERANCE = 0.20, 0.25
 
 
@@ -124,17 +130,20 @@ def _tokens(n: float | None) -> str:
     return "-" if n is None else long_context._tokens(n)
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], other_runs: list[str] | None = None) -> str:
     s = result["summary"]
+    committed = result["run_dir"] == str(RESULTS.relative_to(ROOT))
+    calibration = "[calibration.md](calibration.md)" if committed else "its engine timings in `calibration.json` here"
+    option = "" if committed else f" --run {result['run_dir']}"
     lines = [
         "# The planner against the long-context points it was not fitted on",
         "",
-        f"Profile `configs/hardware/{result['profile']}.yaml` (fitted by `benchmarks/measure_hardware.py`, "
-        f"[calibration.md](calibration.md)) against `long_context.json` ({result['sweep_date']}, "
+        f"Profile `{result['profile_file']}` (fitted by `benchmarks/measure_hardware.py` in the sweep's run, "
+        f"{calibration}) against `{result['run_dir']}/long_context.json` ({result['sweep_date']}, "
         f"{machine_line(result['sweep_machine'])}). Predicted = `vllm-helix plan`'s cost model "
         "(`vllm_helix.planner.cost.step_cost`) for the same twin, layout, context and batch; error = predicted / "
         f"measured - 1. Held-out points must be within {TPOT_TOLERANCE:.0%}, crossovers within "
-        f"{CROSSOVER_TOLERANCE:.0%}. Reproduce: `.venv/bin/python benchmarks/planner_validation.py`.",
+        f"{CROSSOVER_TOLERANCE:.0%}. Reproduce: `.venv/bin/python benchmarks/planner_validation.py{option}`.",
         "",
         f"**Held out: {s['held_out_within']} of {s['held_out']} TPOTs within {TPOT_TOLERANCE:.0%}** (mean absolute "
         f"error {s['mean_abs_error_held_out']:.1%}); **crossovers: {s['crossovers_within']} of "
@@ -181,6 +190,7 @@ def markdown(result: dict[str, Any]) -> str:
         "fixed costs divided by a small slope: where the measured ratio falls slowly, a few percent of error in "
         "either TPOT moves it by a large factor, and the sweep's own samples allow a range of more than a decade.",
         *crossover_miss_lines(result),
+        *(["", "## Other runs of the same code on this machine kind", "", *other_runs] if other_runs else []),
         "",
         "![predicted against measured TPOT](planner_validation.png)", ""]
     return "\n".join(lines) + "\n"
@@ -238,17 +248,62 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def compute() -> dict[str, Any]:
-    sweep = json.loads((RESULTS / "long_context.json").read_text())
-    return validate(sweep, load_hardware(profile_for(sweep["machine"])))
+RUNS = RESULTS / "runs"
+
+
+def compute(run: Path = RESULTS, profile: str | None = None) -> dict[str, Any]:
+    """The validation of ``run``'s sweep (``long_context.json``) against ``profile``: by default the profile
+    fitted in that run (the machine's preset for the committed run; ``profile.yaml`` for an archived run
+    under ``results/runs/``, which keeps its own so the planner still reads one profile per machine)."""
+    sweep = json.loads((run / "long_context.json").read_text())
+    if profile is None:
+        archived = run / "profile.yaml"
+        profile = str(archived) if archived.exists() else profile_for(sweep["machine"])
+    result = validate(sweep, load_hardware(profile))
+    path = Path(profile) if profile.endswith(".yaml") else HARDWARE_PRESET_DIR / f"{profile}.yaml"
+    return {"profile_file": str(path.resolve().relative_to(ROOT)), "run_dir": str(run.resolve().relative_to(ROOT)),
+            **result}
+
+
+def other_run_lines() -> list[str]:
+    """The archived runs of the same code (``results/runs/*``), each judged against its own fit and against
+    the committed profile: how far the verdict moves between runs on this VM."""
+    lines = []
+    for run in sorted(p for p in RUNS.glob("*") if (p / "planner_validation.json").exists()):
+        own = json.loads((run / "planner_validation.json").read_text())
+        committed = compute(run, profile_for(own["sweep_machine"]))
+        crossovers = "; ".join(
+            f"{c['model']} batch {c['batch']} {'<= ' if c['at_shortest_context'] else '~'}{_tokens(c['measured'])} "
+            f"(samples allow {_tokens(c['measured_range'][0])} to {_tokens(c['measured_range'][1])})"
+            for c in own["crossovers"])
+        contexts = json.loads((run / "long_context.json").read_text())["settings"]["contexts"]
+        lines.append(
+            f"- [runs/{run.name}](runs/{run.name}/planner_validation.md) (`run` {own['sweep_run']}, same code, "
+            f"contexts {', '.join(_tokens(c) for c in contexts)}): "
+            f"against its own fit, {_summary(own)}; against this page's profile, {_summary(committed)}. "
+            f"Measured crossovers there: {crossovers}.")
+    return lines
+
+
+def _summary(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    return (f"{s['held_out_within']} of {s['held_out']} held-out TPOTs within {TPOT_TOLERANCE:.0%} (mean "
+            f"{s['mean_abs_error_held_out']:.1%}), {s['crossovers_within']} of {len(result['crossovers'])} "
+            f"crossovers within {CROSSOVER_TOLERANCE:.0%}")
 
 
 def main() -> None:
-    result = compute()
-    (RESULTS / "planner_validation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "planner_validation.md").write_text(markdown(result))
-    plot(result, RESULTS / "planner_validation.png")
-    print(markdown(result))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, default=RESULTS,
+                        help="a directory holding long_context.json (and profile.yaml for an archived run); "
+                             "the comparison is written there")
+    args = parser.parse_args()
+    result = compute(args.run)
+    extra = other_run_lines() if args.run.resolve() == RESULTS else []
+    (args.run / "planner_validation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.run / "planner_validation.md").write_text(markdown(result, extra))
+    plot(result, args.run / "planner_validation.png")
+    print(markdown(result, extra))
 
 
 if __name__ == "__main__":

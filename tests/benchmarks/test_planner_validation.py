@@ -66,6 +66,24 @@ def test_the_committed_comparison_is_what_the_code_computes(result: dict) -> Non
         assert old["predicted_ms"] == pytest.approx(new["predicted_ms"], rel=1e-9), (old, new)
 
 
+def test_archived_runs_are_what_the_code_computes_and_the_committed_page_lists_them() -> None:
+    """An archived run (``results/runs/*``: its sweep, engine timings and the profile fitted in it) stays a
+    reproducible record: its committed comparison is recomputed here, and the committed page quotes it."""
+    runs = sorted(p for p in validation.RUNS.glob("*") if p.is_dir())
+    page = (validation.RESULTS / "planner_validation.md").read_text()
+    for run in runs:
+        committed = json.loads((run / "planner_validation.json").read_text())
+        result = validation.compute(run)
+        assert committed["profile_file"] == result["profile_file"] == str(
+            (run / "profile.yaml").relative_to(validation.ROOT))
+        assert committed["sweep_run"] == json.loads((run / "calibration.json").read_text())["run"]
+        assert [r["predicted_ms"] for r in committed["rows"]] == pytest.approx(
+            [r["predicted_ms"] for r in result["rows"]], rel=1e-9)
+        assert committed["summary"] == pytest.approx(result["summary"])
+        assert f"runs/{run.name}/planner_validation.md" in page, f"re-run planner_validation.py to list {run.name}"
+    assert len(page.split("## Other runs")) == (2 if runs else 1)
+
+
 def test_the_profile_was_fitted_in_the_sweeps_own_run(result: dict) -> None:
     """Fit and sweep from one run of measure_hardware.py: judged across hours, the VM's drift would be judged."""
     calibration = json.loads((validation.RESULTS / "calibration.json").read_text())
