@@ -190,7 +190,7 @@ def markdown(result: dict[str, Any], other_runs: list[str] | None = None) -> str
         "fixed costs divided by a small slope: where the measured ratio falls slowly, a few percent of error in "
         "either TPOT moves it by a large factor, and the sweep's own samples allow a range of more than a decade.",
         *crossover_miss_lines(result),
-        *(["", "## Other runs of the same code on this machine kind", "", *other_runs] if other_runs else []),
+        *(["", "## Other runs on this machine kind", "", *other_runs] if other_runs else []),
         "",
         "![predicted against measured TPOT](planner_validation.png)", ""]
     return "\n".join(lines) + "\n"
@@ -266,7 +266,7 @@ def compute(run: Path = RESULTS, profile: str | None = None) -> dict[str, Any]:
 
 
 def other_run_lines() -> list[str]:
-    """The archived runs of the same code (``results/runs/*``), each judged against its own fit and against
+    """The archived runs (``results/runs/*``), each judged against its own fit and against
     the committed profile: how far the verdict moves between runs on this VM."""
     lines = []
     for run in sorted(p for p in RUNS.glob("*") if (p / "planner_validation.json").exists()):
@@ -278,7 +278,7 @@ def other_run_lines() -> list[str]:
             for c in own["crossovers"])
         contexts = json.loads((run / "long_context.json").read_text())["settings"]["contexts"]
         lines.append(
-            f"- [runs/{run.name}](runs/{run.name}/planner_validation.md) (`run` {own['sweep_run']}, same code, "
+            f"- [runs/{run.name}](runs/{run.name}/planner_validation.md) (`run` {own['sweep_run']}, "
             f"contexts {', '.join(_tokens(c) for c in contexts)}): "
             f"against its own fit, {_summary(own)}; against this page's profile, {_summary(committed)}. "
             f"Measured crossovers there: {crossovers}.")
@@ -298,6 +298,9 @@ def main() -> None:
                         help="a directory holding long_context.json (and profile.yaml for an archived run); "
                              "the comparison is written there")
     args = parser.parse_args()
+    if not (args.run / "long_context.json").exists() or not args.run.resolve().is_relative_to(ROOT):
+        parser.error(f"--run {args.run}: expected a directory inside the repository holding long_context.json "
+                     "(benchmarks/results, or an archived run under benchmarks/results/runs/)")
     result = compute(args.run)
     extra = other_run_lines() if args.run.resolve() == RESULTS else []
     (args.run / "planner_validation.json").write_text(json.dumps(result, indent=2) + "\n")
