@@ -251,27 +251,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
 RUNS = RESULTS / "runs"
 
 
-def compute(run: Path = RESULTS, profile: str | None = None) -> dict[str, Any]:
+def archived_runs() -> list[Path]:
+    """The archived runs (``results/runs/<run stamp>/``), oldest first."""
+    return sorted(p for p in RUNS.glob("*") if p.is_dir())
+
+
+def compute(run: Path = RESULTS, profile: Path | None = None) -> dict[str, Any]:
     """The validation of ``run``'s sweep (``long_context.json``) against ``profile``: by default the profile
     fitted in that run (the machine's preset for the committed run; ``profile.yaml`` for an archived run
     under ``results/runs/``, which keeps its own so the planner still reads one profile per machine)."""
     sweep = json.loads((run / "long_context.json").read_text())
     if profile is None:
         archived = run / "profile.yaml"
-        profile = str(archived) if archived.exists() else profile_for(sweep["machine"])
-    result = validate(sweep, load_hardware(profile))
-    path = Path(profile) if profile.endswith(".yaml") else HARDWARE_PRESET_DIR / f"{profile}.yaml"
-    return {"profile_file": str(path.resolve().relative_to(ROOT)), "run_dir": str(run.resolve().relative_to(ROOT)),
-            **result}
+        profile = archived if archived.exists() else HARDWARE_PRESET_DIR / f"{profile_for(sweep['machine'])}.yaml"
+    return {"profile_file": str(profile.resolve().relative_to(ROOT)), "run_dir": str(run.resolve().relative_to(ROOT)),
+            **validate(sweep, load_hardware(str(profile)))}
 
 
-def other_run_lines() -> list[str]:
-    """The archived runs (``results/runs/*``), each judged against its own fit and against
-    the committed profile: how far the verdict moves between runs on this VM."""
+def other_run_lines(committed_profile: Path) -> list[str]:
+    """The archived runs, each judged against its own fit and against the committed profile: how far the
+    verdict moves between runs on this VM (computed here, so the page never quotes a stale archive)."""
     lines = []
-    for run in sorted(p for p in RUNS.glob("*") if (p / "planner_validation.json").exists()):
-        own = json.loads((run / "planner_validation.json").read_text())
-        committed = compute(run, profile_for(own["sweep_machine"]))
+    for run in archived_runs():
+        own, committed = compute(run), compute(run, committed_profile)
         crossovers = "; ".join(
             f"{c['model']} batch {c['batch']} {'<= ' if c['at_shortest_context'] else '~'}{_tokens(c['measured'])} "
             f"(samples allow {_tokens(c['measured_range'][0])} to {_tokens(c['measured_range'][1])})"
@@ -302,7 +304,7 @@ def main() -> None:
         parser.error(f"--run {args.run}: expected a directory inside the repository holding long_context.json "
                      "(benchmarks/results, or an archived run under benchmarks/results/runs/)")
     result = compute(args.run)
-    extra = other_run_lines() if args.run.resolve() == RESULTS else []
+    extra = other_run_lines(ROOT / result["profile_file"]) if args.run.resolve() == RESULTS else []
     (args.run / "planner_validation.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.run / "planner_validation.md").write_text(markdown(result, extra))
     plot(result, args.run / "planner_validation.png")

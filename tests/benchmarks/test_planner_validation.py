@@ -69,7 +69,7 @@ def test_the_committed_comparison_is_what_the_code_computes(result: dict) -> Non
 def test_archived_runs_are_what_the_code_computes_and_the_committed_page_lists_them() -> None:
     """An archived run (``results/runs/*``: its sweep, engine timings and the profile fitted in it) stays a
     reproducible record: its committed comparison is recomputed here, and the committed page quotes it."""
-    runs = sorted(p for p in validation.RUNS.glob("*") if p.is_dir())
+    runs = validation.archived_runs()
     page = (validation.RESULTS / "planner_validation.md").read_text()
     for run in runs:
         committed = json.loads((run / "planner_validation.json").read_text())
