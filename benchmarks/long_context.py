@@ -27,6 +27,7 @@ import os
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,41 +169,49 @@ def merge_repeats(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ordered = sorted(samples, key=lambda p: p["tpot_ms"])
         middle = {k: v for k, v in ordered[(len(ordered) - 1) // 2].items() if k != "instance"}
         merged.append({**middle, "samples_ms": [p["tpot_ms"] for p in samples],
+                       "sample_instances": [p.get("instance", 0) for p in samples],
                        "instances": len({p.get("instance", 0) for p in samples}),
                        "wall_s": round(sum(p["wall_s"] for p in samples), 2)})
     return merged
 
 
-def more_instances(model: Path, config: str, points: list[tuple[int, int]], fill: bool, output_len: int,
-                   log: Path, timeout_s: float, instances: int) -> list[dict[str, Any]]:
-    """Samples of ``points`` (as listed: a point listed n times is timed n times) from ``instances - 1``
-    further fresh engines.
+def instance_samples(model: Path, config: str, points: list[tuple[int, int]], fill: bool, output_len: int,
+                     log: Path, timeout_s: float, instance: int) -> list[dict[str, Any]]:
+    """Samples of ``points`` (as listed: a point listed n times is timed n times) from one further fresh
+    engine, tagged ``instance`` (the first engine's samples are instance 0).
 
     On this project's two-core VM one engine's repeats of a point agree within
     10-20%, but the same point moves by 30-40% between engine instances (where the
     allocator put the blocks, which cores the workers landed on): a median over one
     instance is that instance's number. Pooling the samples of several fresh engines
-    makes the median a property of the machine. The first instance's samples are the
-    caller's (instance 0); these are tagged 1, 2, ...
+    makes the median a property of the machine.
     """
-    samples: list[dict[str, Any]] = []
-    if not points:
-        return samples
-    for instance in range(1, instances):
-        result = run_engine(model, config, points, fill, output_len,
-                            log.with_name(f"{log.stem}-instance{instance}.log"), timeout_s)
-        if "error" in result:  # the first instance ran these points: a later failure is the machine's
-            raise SystemExit(f"instance {instance} of {config} on {model.name} failed: {result['error']}")
-        samples += [{**p, "instance": instance} for p in result["points"]]
-    return samples
+    result = run_engine(model, config, points, fill, output_len, log.with_name(f"{log.stem}-instance{instance}.log"),
+                        timeout_s)
+    if "error" in result:  # the first instance ran these points: a later failure is the machine's
+        raise SystemExit(f"instance {instance} of {config} on {model.name} failed: {result['error']}")
+    return [{**p, "fill": fill, "instance": instance} for p in result["points"]]
 
 
-def measure(model_name: str, config: str, args: argparse.Namespace) -> dict[str, Any]:
-    """All points of one (twin, configuration): a real-prefill engine, then a KV-filled one."""
+def more_instances(model: Path, config: str, points: list[tuple[int, int]], fill: bool, output_len: int,
+                   log: Path, timeout_s: float, instances: int) -> list[dict[str, Any]]:
+    """``instance_samples`` of instances 1 .. ``instances`` - 1, one engine after the other."""
+    return [sample for instance in range(1, instances if points else 1)
+            for sample in instance_samples(model, config, points, fill, output_len, log, timeout_s, instance)]
+
+
+def measure(model_name: str, config: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The first instance of one (twin, configuration): a real-prefill engine, then a KV-filled one.
+
+    Returns the record (points that failed or do not fit, and the timed ones as raw
+    samples of instance 0 under ``samples``) and the engines that ran, as
+    ``instance_samples`` keyword arguments, for ``measure_twin`` to run again.
+    """
     model = twin(model_name)
     real = [(c, 1) for c in args.contexts if c <= REAL_PREFILL_MAX.get(model_name, args.real_prefill_max)]
     filled = [(c, b) for c in args.contexts for b in args.batches if (c, b) not in real]
-    record: dict[str, Any] = {"model": model_name, "config": config, "points": []}
+    record: dict[str, Any] = {"model": model_name, "config": config, "points": [], "samples": []}
+    engines: list[dict[str, Any]] = []
     log_dir = args.log_dir / f"{model_name}-{config.split()[0].replace('=', '')}"
     for fill, points in ((False, real), (True, filled)):
         if fill and record.get("kv_cache_tokens"):
@@ -237,12 +246,34 @@ def measure(model_name: str, config: str, args: argparse.Namespace) -> dict[str,
                                      for c, b in points if (c, b) not in finished]
                 points = []
             else:
-                samples = result["points"] + more_instances(model, config, repeated, fill, args.output_len, log,
-                                                            args.timeout, args.instances)
-                record["points"] += [{**p, "fill": fill} for p in merge_repeats(samples)]
+                record["samples"] += [{**p, "fill": fill, "instance": 0} for p in result["points"]]
+                engines.append({"model": model, "config": config, "points": repeated, "fill": fill, "log": log})
                 points = []
-    record["points"].sort(key=lambda p: (p["batch"], p["context"]))
-    return record
+    return record, engines
+
+
+def measure_twin(model_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """TP=2's and Helix kvp=2's records of one twin, every timed point in ``args.instances`` fresh engines.
+
+    The first instances establish what fits; the later ones alternate (TP=2's
+    instance i, then Helix's instance i, each configuration's engines in the first
+    instance's order), so that the two engines of a pair are timed minutes apart.
+    These VMs drift by up to 1.8x within hours (2026-12-01): timed one configuration
+    after the other, a Helix / TP ratio carried that drift, and the measured crossover
+    moved 8x between two runs of the same code. ``ratios`` takes each pair's ratio.
+    """
+    first = [measure(model_name, config, args) for config in CONFIGS]
+    for instance in range(1, args.instances):
+        for record, engines in first:
+            for engine in engines:
+                record["samples"] += instance_samples(output_len=args.output_len, timeout_s=args.timeout,
+                                                      instance=instance, **engine)
+    records = []
+    for record, _ in first:
+        record["points"] += merge_repeats(record.pop("samples"))
+        record["points"].sort(key=lambda p: (p["batch"], p["context"]))
+        records.append(record)
+    return records
 
 
 # ----------------------------------------------------------------------------- results
@@ -257,14 +288,43 @@ def _records(payload: dict[str, Any], model: str) -> tuple[dict[str, Any] | None
     return by_config.get("TP=2"), by_config.get("Helix kvp=2")
 
 
-def ratios(payload: dict[str, Any], model: str, batch: int) -> list[tuple[int, float]]:
-    """(context, Helix TPOT / TP TPOT) where both ran."""
+def instance_medians(point: dict[str, Any]) -> dict[int, float]:
+    """A timed point's median TPOT in each engine instance that timed it.
+
+    Samples are stored instance by instance; a sweep written before their instances
+    were recorded (``sample_instances``, 2026-12-02) held ``instances`` equal runs.
+    """
+    samples = point.get("samples_ms", [point["tpot_ms"]])
+    tags = point.get("sample_instances") or [i * point.get("instances", 1) // len(samples)
+                                             for i in range(len(samples))]
+    groups: dict[int, list[float]] = {}
+    for tag, sample in zip(tags, samples):
+        groups.setdefault(tag, []).append(sample)
+    return {tag: statistics.median(group) for tag, group in sorted(groups.items())}
+
+
+def pair_ratios(helix: dict[str, Any], tp: dict[str, Any]) -> dict[int, float]:
+    """Helix / TP TPOT of each engine pair (instance i of each configuration, timed back to back by
+    ``measure_twin``): the ratio of the two engines' medians."""
+    h, t = instance_medians(helix), instance_medians(tp)
+    return {i: h[i] / t[i] for i in sorted(h.keys() & t.keys())}
+
+
+def ratio(helix: dict[str, Any], tp: dict[str, Any], instance: int | None = None) -> float:
+    """Helix / TP TPOT at one point: the median of the pairs' ratios (or pair ``instance``'s), so that
+    drift between pairs cancels instead of entering as the ratio of pooled medians would let it."""
+    pairs = pair_ratios(helix, tp)
+    return statistics.median(pairs.values()) if instance is None else pairs[instance]
+
+
+def ratios(payload: dict[str, Any], model: str, batch: int, instance: int | None = None) -> list[tuple[int, float]]:
+    """(context, Helix / TP TPOT) where both ran (``ratio``; with ``instance``, where that pair ran)."""
     tp, helix = _records(payload, model)
     out = []
     for context in payload["settings"]["contexts"]:
         a, b = _point(helix, context, batch), _point(tp, context, batch)
-        if a and b and "tpot_ms" in a and "tpot_ms" in b:
-            out.append((context, a["tpot_ms"] / b["tpot_ms"]))
+        if a and b and "tpot_ms" in a and "tpot_ms" in b and (instance is None or instance in pair_ratios(a, b)):
+            out.append((context, ratio(a, b, instance)))
     return out
 
 
@@ -341,15 +401,15 @@ def fixed_cost_lines(payload: dict[str, Any]) -> list[str]:
     from decode_step_profile import grouped
 
     rows = _profile_rows("llama_kv1", 4096)
-    ratio = dict(ratios(payload, "llama_kv1", 1))
+    llama = dict(ratios(payload, "llama_kv1", 1))
     deepseek = dict(ratios(payload, "deepseek_v3", 1))
-    if not ({"TP=2", "Helix kvp=2"} <= set(rows) and 4096 in ratio):
+    if not ({"TP=2", "Helix kvp=2"} <= set(rows) and 4096 in llama):
         return []
     tp, helix = (grouped(rows[c]["ops_ms"]) for c in ("TP=2", "Helix kvp=2"))
     extra = {g: helix.get(g, 0.0) - tp.get(g, 0.0) for g in ("collectives", "helix hops (self)", "other torch ops")}
     profiled = rows["Helix kvp=2"]["tpot_ms"] / rows["TP=2"]["tpot_ms"]
     return [
-        f"- **4K on the Llama twin** ({ratio[4096]:.2f}x here; the profile's own run measured {profiled:.2f}x at "
+        f"- **4K on the Llama twin** ({llama[4096]:.2f}x here; the profile's own run measured {profiled:.2f}x at "
         "the same point, which is the run-to-run spread of this shared VM): Helix's worker step does more per "
         f"layer than TP's, a query all-gather and an exchange (collectives {extra['collectives']:+.2f} ms per "
         f"step, including the wait for the peer), the plugin's Python around its hops "
@@ -372,12 +432,12 @@ def kernel_gap_lines(payload: dict[str, Any]) -> list[str]:
         return []
     kernel = {config: grouped(row["ops_ms"]).get("attention kernel", 0.0) for config, row in rows.items()}
     tp_1m, helix_1m = _point(tp, 1000000, 1), _point(helix, 1000000, 1)
-    at_1m = (f", {helix_1m['tpot_ms'] / tp_1m['tpot_ms']:.2f}x at 1M"
+    at_1m = (f", {ratio(helix_1m, tp_1m):.2f}x at 1M"
              if tp_1m and helix_1m and "tpot_ms" in tp_1m and "tpot_ms" in helix_1m else "")
     # Helix at 256K if its kernel read a byte as fast as TP's: its 4K cost plus half of TP's added read time
     at_vllm_rate = (helix_short["tpot_ms"] + (tp_256["tpot_ms"] - tp_short["tpot_ms"]) / 2) / tp_256["tpot_ms"]
     return [
-        f"- **256K and beyond on the Llama twin** ({helix_256['tpot_ms'] / tp_256['tpot_ms']:.2f}x at 256K{at_1m}): "
+        f"- **256K and beyond on the Llama twin** ({ratio(helix_256, tp_256):.2f}x at 256K{at_1m}): "
         "at 1M the profile shows "
         f"Helix's C++ kernel reading its half of the cache in {kernel['Helix kvp=2']:.0f} ms per step where vLLM's "
         f"C++ kernel reads the whole in {kernel['TP=2']:.0f} ms, i.e. vLLM's kernel moves a byte "
@@ -429,9 +489,9 @@ def markdown(payload: dict[str, Any]) -> str:
                 if all(p is None or "does_not_fit" in p for p in (a, b)):
                     continue  # neither configuration holds it: the capacities above say so
                 source = "filled" if (a or b or {}).get("fill") else "real prefill"
-                ratio = (f"{b['tpot_ms'] / a['tpot_ms']:.2f}" if a and b and "tpot_ms" in a and "tpot_ms" in b
-                         else ("Helix only" if b and "tpot_ms" in b else ""))
-                lines.append(f"| {_tokens(context)} | {batch} | {source} | {_cell(a)} | {_cell(b)} | {ratio} |")
+                helix_over_tp = (f"{ratio(b, a):.2f}" if a and b and "tpot_ms" in a and "tpot_ms" in b
+                                 else ("Helix only" if b and "tpot_ms" in b else ""))
+                lines.append(f"| {_tokens(context)} | {batch} | {source} | {_cell(a)} | {_cell(b)} | {helix_over_tp} |")
         pairs = ratios(payload, model, 1)
         cross = crossover(pairs)
         where = ("not reached in the measured range" if cross is None else
@@ -573,7 +633,7 @@ def main() -> None:
     from vllm_helix.harness.machine import describe_machine
 
     run, started = time.strftime("%Y-%m-%dT%H:%M:%S"), time.monotonic()
-    records = [measure(model, config, args) for model in args.models.split(",") for config in CONFIGS]
+    records = [record for model in args.models.split(",") for record in measure_twin(model, args)]
     if args.merge:
         kept = json.loads((RESULTS / "long_context.json").read_text())
         if kept["machine"]["cpu"] != describe_machine()["cpu"]:

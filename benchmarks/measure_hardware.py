@@ -9,8 +9,9 @@ bandwidth), not a network.
 
 Part 2, the engine, in one run with the long-context sweep: for each benchmark twin
 (the Llama twin with one KV head, GQA; the DeepSeek-V3 twin, MLA) and each layout
-(TP=2, Helix kvp=2) the sweep's engines (``long_context.measure``: 2 layers, 4K to
-2M tokens, batch 1 and 8, every point in three fresh engines), then right after
+(TP=2, Helix kvp=2) the sweep's engines (``long_context.measure_twin``: 2 layers, 4K
+to 2M tokens, batch 1 and 8, every point in three fresh engines, TP=2's and Helix's
+alternated so each pair's ratio is timed minutes apart), then right after
 them the same twin at 4 layers at 4K (batch 1 and 8, timed the same way). These
 shared VMs drift by more than the model's error between hours (the same point
 measured 1.0-1.8x apart an hour apart, 2026-12-01), so the points the fit uses and
@@ -195,18 +196,18 @@ def deeper_rows(name: str, config: str, args: argparse.Namespace) -> list[dict[s
 
 
 def engine_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The long-context sweep and the fit's points, in one run: for each twin and configuration the sweep's
-    engines (2 layers, every context; ``long_context.measure``) and, right after them, the 4-layer engines.
+    """The long-context sweep and the fit's points, in one run: for each twin the sweep's engines (2 layers,
+    every context; ``long_context.measure_twin``, TP=2's and Helix's instances alternated) and, right after
+    them, each configuration's 4-layer engines.
 
     One run because these shared VMs drift: the same engine point measured 1.0-1.8x apart an hour apart
     (2026-12-01), more than the model's error, so a profile fitted in one hour cannot be judged on a sweep
     timed in another. Returns the sweep's records and the fit's rows."""
     records, rows = [], []
     for name in args.models.split(","):
-        for config in long_context.CONFIGS:
-            record = long_context.measure(name, config, args)
+        for record in long_context.measure_twin(name, args):
             records.append(record)
-            rows += sweep_fit_rows(record) + deeper_rows(name, config, args)
+            rows += sweep_fit_rows(record) + deeper_rows(name, record["config"], args)
     return records, rows
 
 

@@ -70,18 +70,15 @@ def predicted_crossover(hw: HardwareSpec, model: str, batch: int, low: int, high
 
 
 def crossover_range(sweep: dict[str, Any], model: str, batch: int) -> list[float | None]:
-    """The crossover the sweep's own repeats allow: from the ratios most (fastest Helix sample over
-    slowest TP sample) to least favourable to Helix at each context (points timed once count as is).
-    ``None`` as the upper end: even the least favourable samples never cross within the sweep."""
+    """The lowest and highest crossover that one engine pair measured on its own (TP=2's instance i against
+    Helix's instance i, ``long_context.ratios(..., instance=i)``): the spread of the measurement itself.
+    ``None`` as the upper end: some pair never crosses within the sweep; ``[None, None]``: none does."""
     tp, helix = long_context._records(sweep, model)
-    best, worst = [], []
-    for context in sweep["settings"]["contexts"]:
-        a, b = long_context._point(helix, context, batch), long_context._point(tp, context, batch)
-        if a and b and "tpot_ms" in a and "tpot_ms" in b:
-            h, t = a.get("samples_ms", [a["tpot_ms"]]), b.get("samples_ms", [b["tpot_ms"]])
-            best.append((context, min(h) / max(t)))
-            worst.append((context, max(h) / min(t)))
-    return [long_context.crossover(best), long_context.crossover(worst)]
+    instances = sorted({i for record in (tp, helix) if record for p in record["points"] if "tpot_ms" in p
+                        for i in long_context.instance_medians(p)})
+    found = [long_context.crossover(long_context.ratios(sweep, model, batch, instance)) for instance in instances]
+    crossed = [c for c in found if c is not None]
+    return [min(crossed) if crossed else None, max(crossed) if len(crossed) == len(found) and crossed else None]
 
 
 def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:

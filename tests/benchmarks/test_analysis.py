@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -84,3 +85,58 @@ def test_repeated_points_merge_into_their_median_with_every_sample_kept() -> Non
                                                                           (65536, 1, 30.0)]
     assert merged[0]["samples_ms"] == [9.0, 6.0, 7.0] and merged[0]["wall_s"] == 3.0
     assert merged[1]["tpot_ms_per_request"] == [20.0] * 8  # the median sample's own per-request times
+
+
+def _timed(context: int, samples: list[float], instances: list[int]) -> dict:
+    return {"context": context, "batch": 1, "tpot_ms": sorted(samples)[(len(samples) - 1) // 2],
+            "samples_ms": samples, "sample_instances": instances, "instances": len(set(instances))}
+
+
+def test_the_ratio_is_the_median_of_the_engine_pairs_so_drift_between_pairs_cancels() -> None:
+    """Pair i (TP instance i, Helix instance i) timed on a machine running 1.0, 1.8 and 1.3 times slow, TP's
+    samples spread within an instance: each pair's ratio is the true 0.8; the pooled medians' ratio mixes
+    instances (TP's middle sample is instance 2's fast one) and is not."""
+    tp = _timed(4096, [10.0, 10.0, 17.0, 19.0, 12.0, 14.0], [0, 0, 1, 1, 2, 2])
+    helix = _timed(4096, [8.0, 8.0, 14.4, 14.4, 10.4, 10.4], [0, 0, 1, 1, 2, 2])
+    assert long_context.pair_ratios(helix, tp) == pytest.approx({0: 0.8, 1: 0.8, 2: 0.8})
+    assert long_context.ratio(helix, tp) == pytest.approx(0.8)
+    assert long_context.ratio(helix, tp, instance=1) == pytest.approx(0.8)
+    assert helix["tpot_ms"] / tp["tpot_ms"] == pytest.approx(10.4 / 12.0)
+
+
+def test_a_sweep_without_sample_instances_is_read_as_equal_runs_per_instance() -> None:
+    """Sweeps written before 2026-12-02 stored each point's samples instance by instance, untagged."""
+    point = {"context": 4096, "batch": 1, "tpot_ms": 5.0, "samples_ms": [1.0, 2.0, 3.0, 7.0, 8.0, 9.0],
+             "instances": 2}
+    assert long_context.instance_medians(point) == {0: 2.0, 1: 8.0}
+    assert long_context.instance_medians({"context": 1, "batch": 1, "tpot_ms": 4.0}) == {0: 4.0}
+
+
+def test_measure_twin_alternates_tp_and_helix_engines_and_tags_every_sample(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First instances establish what fits (TP's engines, then Helix's); then instance i of TP, of Helix, ...
+    Every point ends with one sample per instance and repeat, tagged with its instance."""
+    calls: list[tuple[str, bool, str]] = []
+
+    def engine(model, config, points, fill, output_len, log, timeout_s, **_):  # noqa: ANN001
+        calls.append((config, fill, log.stem))
+        return {"kv_cache_tokens": 10 ** 6,
+                "points": [{"context": c, "batch": b, "tpot_ms": 1.0 + len(calls), "wall_s": 0.1} for c, b in points]}
+
+    monkeypatch.setattr(long_context, "run_engine", engine)
+    monkeypatch.setattr(long_context, "twin", lambda name: tmp_path / name)
+    args = argparse.Namespace(contexts=[4096, 65536, 131072], batches=[1], real_prefill_max=4096, repeats=2,
+                              instances=3, output_len=8, timeout=1.0, log_dir=tmp_path)
+    records = long_context.measure_twin("llama_kv1", args)
+    order = [(config, fill) for config, fill, _ in calls]
+    first = [("TP=2", False), ("TP=2", True), ("Helix kvp=2", False), ("Helix kvp=2", True)]
+    assert order == first * 3
+    assert [stem.endswith(f"instance{i}") for i in (1, 2) for _, _, stem in calls[4 * i:4 * i + 4]] == [True] * 8
+    for record in records:
+        assert "samples" not in record
+        by_context = {p["context"]: p for p in record["points"]}
+        assert by_context[4096]["sample_instances"] == [0, 0, 1, 1, 2, 2] and not by_context[4096]["fill"]
+        assert by_context[131072]["sample_instances"] == [0, 1, 2] and by_context[131072]["fill"]
+    tp, helix = records
+    assert long_context.pair_ratios(helix["points"][0], tp["points"][0]) == {0: 4.0 / 2.0, 1: 8.0 / 6.0,
+                                                                            2: 12.0 / 10.0}

@@ -59,7 +59,8 @@ def test_one_run_writes_a_profile_the_planner_reads_and_a_sweep_with_the_same_st
     monkeypatch.setattr(measure_hardware, "measure_matmul", lambda dtype, size, repeats: 1e11)
     monkeypatch.setattr(measure_hardware, "measure_shm", lambda repeats: {
         op: {"latency_s": 5e-6, "bandwidth_bytes_per_s": 4e9} for op in ("all_reduce", "all_gather")})
-    monkeypatch.setattr(long_context, "measure", lambda model, config, args: records[(model, config)])
+    monkeypatch.setattr(long_context, "measure_twin",
+                        lambda model, args: [records[(model, config)] for config in long_context.CONFIGS])
     monkeypatch.setattr(measure_hardware, "deeper_rows", lambda model, config, args: _committed_deeper_rows(model, config))
     monkeypatch.setattr(sys, "argv", ["measure_hardware.py"])
     measure_hardware.main()
