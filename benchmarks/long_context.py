@@ -464,6 +464,10 @@ def markdown(payload: dict[str, Any]) -> str:
         + (f"; every point timed in each of {s.get('instances', 1)} fresh engine(s), {s['repeats']} times per "
            f"engine up to {_tokens(REPEAT_MAX_CONTEXT)} tokens and once beyond, the median of all samples kept (a "
            "TPOT spreads by tens of percent on this shared VM, and by more between engine instances than within one)"
+           + ("; TP=2's and Helix's engines alternated (instance i of each back to back) and Helix / TP is the "
+              "median over these pairs of each pair's ratio, so the machine's drift between pairs cancels"
+              if s.get("pairs_back_to_back") else "; Helix / TP is the median over engine pairs (instance i of each) "
+              "of each pair's ratio (this run timed all of a twin's TP=2 engines before its Helix engines)")
            if s.get("repeats", 1) > 1 else "") + ". Batch-1 contexts up to "
         f"{_tokens(s['real_prefill_max'])} are prefilled for real (the DeepSeek twin up to "
         f"{_tokens(REAL_PREFILL_MAX['deepseek_v3'])}: vLLM's unchunked CPU MLA prefill of 16K tokens needs ~9 GB per "
@@ -481,7 +485,7 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += [f"## {model}", ""]
         if cap_tp and cap_helix:
             lines += [f"KV cache: TP=2 {cap_tp:,} tokens, Helix {cap_helix:,} tokens ({cap_helix / cap_tp:.2f}x).", ""]
-        lines += ["| context | batch | KV | TP=2 TPOT ms | Helix TPOT ms | Helix / TP |",
+        lines += ["| context | batch | KV | TP=2 TPOT ms | Helix TPOT ms | Helix / TP (median over engine pairs) |",
                   "|---:|---:|---|---:|---:|---:|"]
         for batch in s["batches"]:
             for context in s["contexts"]:
@@ -610,7 +614,7 @@ def sweep_payload(records: list[dict[str, Any]], args: argparse.Namespace, run: 
 
     return {"date": run[:10], "run": run, "machine": describe_machine(),
             "settings": {"contexts": args.contexts, "batches": args.batches, "output_len": args.output_len,
-                         "repeats": args.repeats, "instances": args.instances,
+                         "repeats": args.repeats, "instances": args.instances, "pairs_back_to_back": True,
                          "real_prefill_max": args.real_prefill_max},
             "records": records, "wall_s": round(wall_s, 1)}
 

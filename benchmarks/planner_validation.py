@@ -114,7 +114,8 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
     held = [r for r in rows if r["role"] == "held out"]
     return {"profile": hw.name, "profile_description": hw.description,
             "sweep_machine": sweep["machine"], "sweep_date": sweep["date"], "sweep_run": sweep.get("run"),
-            "sweep_instances": sweep["settings"].get("instances", 1), "rows": rows,
+            "sweep_instances": sweep["settings"].get("instances", 1),
+            "sweep_pairs_back_to_back": sweep["settings"].get("pairs_back_to_back", False), "rows": rows,
             "crossovers": crossovers,
             "summary": {"held_out": len(held),
                         "held_out_within": sum(abs(r["error"]) <= TPOT_TOLERANCE for r in held),
@@ -153,12 +154,14 @@ def markdown(result: dict[str, Any], other_runs: list[str] | None = None) -> str
         lines.append(f"| {r['model']} | {r['config']} | {r['context']:,} | {r['batch']} | {r['measured_ms']:.1f} | "
                      f"{r['predicted_ms']:.1f} | {r['error']:+.1%} | {r['role']} |")
     lines += ["", "## Crossover: the context from which Helix kvp=2 decodes faster than TP=2", "",
-              "Measured from the sweep's medians (log-linear between points, as long_context.md); the range is what "
-              "the sweep's own repeated samples allow (most to least favourable to Helix; '-' as the upper end: the "
-              "least favourable samples never cross). '<=' means Helix already wins at the shortest context. "
+              "Measured from the Helix/TP ratio at each context, the median over engine pairs (TP=2's instance i "
+              "against Helix's instance i) of each pair's ratio of medians, log-linear between points, as "
+              "long_context.md; the range spans the crossovers the pairs measure each on its own ('-' as the upper "
+              "end: some pair never crosses), the spread of the measurement itself. '<=' means Helix already wins at "
+              "the shortest context. "
               "'model's ratio there': the cost model's Helix/TP TPOT at the measured crossover (for a crossing inside the "
               "sweep 1.00 would be exact; on a '<=' row any value below 1 agrees).", "",
-              "| twin | batch | measured | range over samples | predicted | error | model's ratio there |",
+              "| twin | batch | measured | range over pairs | predicted | error | model's ratio there |",
               "|---|---:|---:|---|---:|---:|---:|"]
     for c in result["crossovers"]:
         measured = ("<= " if c["at_shortest_context"] else "~") + _tokens(c["measured"])
@@ -175,17 +178,21 @@ def markdown(result: dict[str, Any], other_runs: list[str] | None = None) -> str
                      f"{', '.join(f'{v:.1f}' for v in r['samples_ms'])}; the prediction lies "
                      f"{'inside' if inside else 'outside'} the samples' range).")
     instances = result.get("sweep_instances", 1)
+    order = ("TP=2's and Helix's engines alternated (instance i of each back to back), so a pair's ratio is timed "
+             "minutes apart" if result.get("sweep_pairs_back_to_back") else
+             "all of TP=2's engines of a twin before all of Helix's (this run predates alternating them), so a "
+             "pair's ratio spans the machine's drift over tens of minutes")
     lines += [
         "- How the points were timed: one engine's repeated samples of a point agree within ~10-20%, but the same "
         "point moves by 30-40% between engine instances on this VM (which cores the workers land on, where vLLM's "
         f"allocator put the blocks). The sweep therefore times every point in {instances} fresh engines and keeps "
-        "the median of all their samples (the samples above run instance by instance). The profile "
+        f"the median of all their samples (the samples above run instance by instance); {order}. The profile "
         f"({result['profile_description']}) was fitted in the same run (`run` {result.get('sweep_run', '-')}): "
         "the machine's speed drifts between hours by more than the model's error, so a fit from another hour "
         "would judge the drift, not the model.",
         "- The crossover is the context where two such curves meet, so its error is the difference of two noisy "
         "fixed costs divided by a small slope: where the measured ratio falls slowly, a few percent of error in "
-        "either TPOT moves it by a large factor, and the sweep's own samples allow a range of more than a decade.",
+        "either TPOT moves it by a large factor, which the spread of the pairs' own crossovers shows.",
         *crossover_miss_lines(result),
         *(["", "## Other runs on this machine kind", "", *other_runs] if other_runs else []),
         "",
@@ -203,8 +210,8 @@ def crossover_miss_lines(result: dict[str, Any]) -> list[str]:
         low, high = c["measured_range"]
         moved = "" if c["predicted"] is None else f", and that moves the crossover {c['predicted'] / c['measured']:.1f}x"
         lines.append(
-            f"- Miss: the {c['model']} batch-{c['batch']} crossover, measured ~{_tokens(c['measured'])} (the samples "
-            f"allow {_tokens(low)} to {_tokens(high)}), predicted {_tokens(c['predicted'])}. The measured Helix/TP "
+            f"- Miss: the {c['model']} batch-{c['batch']} crossover, measured ~{_tokens(c['measured'])} (the pairs "
+            f"span {_tokens(low)} to {_tokens(high)}), predicted {_tokens(c['predicted'])}. The measured Helix/TP "
             f"ratio is {around}; the model puts the layouts {abs(c['predicted_ratio_at_measured'] - 1):.0%} apart "
             f"where they measured equal{moved}.")
     return lines
@@ -273,7 +280,7 @@ def other_run_lines(committed_profile: Path) -> list[str]:
         own, committed = compute(run), compute(run, committed_profile)
         crossovers = "; ".join(
             f"{c['model']} batch {c['batch']} {'<= ' if c['at_shortest_context'] else '~'}{_tokens(c['measured'])} "
-            f"(samples allow {_tokens(c['measured_range'][0])} to {_tokens(c['measured_range'][1])})"
+            f"(pairs span {_tokens(c['measured_range'][0])} to {_tokens(c['measured_range'][1])})"
             for c in own["crossovers"])
         contexts = json.loads((run / "long_context.json").read_text())["settings"]["contexts"]
         lines.append(
