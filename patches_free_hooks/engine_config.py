@@ -25,7 +25,9 @@ import logging
 import os
 from typing import Any
 
-from vllm_helix.config import ADDITIONAL_CONFIG_KEY, HelixConfig, HelixConfigError, ModelShape, from_additional_config
+from vllm_helix.config import (ADDITIONAL_CONFIG_KEY, HelixConfig, HelixConfigError, ModelShape, from_additional_config,
+                               near_miss_key)
+from vllm_helix.kv_store import CONNECTOR_NAME, StoreConfig, StoreConfigError, private_root
 
 from patches_free_hooks.compat import HelixStartupError, check_supported_version, internal
 from patches_free_hooks.cuda_attention import plan_cuda_attention
@@ -257,6 +259,24 @@ def check_kv_transfer(helix: HelixConfig, shape: ModelShape, args: Any, block_si
             "on both servers")
 
 
+def check_helix_connector(args: Any) -> None:
+    """Refuse a ``HelixConnector`` whose options or store directory are unusable, on every engine that
+    names it (a plain producer too), before anything starts: one line naming the option and the fix."""
+    transfer = args.kv_transfer_config
+    module = (transfer.get("kv_connector_module_path") if isinstance(transfer, dict)
+              else getattr(transfer, "kv_connector_module_path", None))
+    if _connector_name(transfer) != CONNECTOR_NAME and module != "patches_free_hooks.kv_connector":
+        return
+    extra = (transfer.get("kv_connector_extra_config") if isinstance(transfer, dict)
+             else getattr(transfer, "kv_connector_extra_config", None))
+    if extra is not None and not isinstance(extra, dict):
+        raise HelixStartupError(f"--kv-transfer-config kv_connector_extra_config must be a JSON object, got {extra!r}")
+    try:
+        private_root(StoreConfig.from_extra(extra).path)
+    except StoreConfigError as err:
+        raise HelixStartupError(f"--kv-transfer-config: {err}") from None
+
+
 def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | None) -> None:
     """Rules of the MoE TPF x EP grid (ep > 1) beyond the layout's own (``HelixConfig.validate``).
 
@@ -316,6 +336,10 @@ def apply_helix(args: Any) -> HelixConfig | None:
     except (HelixConfigError, json.JSONDecodeError) as err:
         raise HelixStartupError(f"invalid helix option in --additional-config: {err}") from None
     if helix is None:
+        near = near_miss_key(args.additional_config) if isinstance(args.additional_config, dict) else None
+        if near is not None:
+            logger.warning("vllm-helix: --additional-config has %r but no 'helix' key, so Helix is off; "
+                           "did you mean 'helix'?", near)
         return None
     check_supported_version()
     check_cpu_cores(helix.world_size)
@@ -353,8 +377,12 @@ def install() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any):
-        apply_helix(self)
-        return original(self, *args, **kwargs)
+        check_helix_connector(self)
+        try:
+            apply_helix(self)
+            return original(self, *args, **kwargs)
+        except OSError as err:  # the model's files: missing, unreadable, or a hub name offline
+            raise HelixStartupError(f"model {self.model!r} cannot be loaded: {err}".splitlines()[0]) from None
 
     setattr(create_engine_config, _INSTALLED_MARK, True)
     EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]

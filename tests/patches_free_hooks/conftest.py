@@ -41,7 +41,8 @@ def _kv_report(log: str) -> dict[str, float]:
 
 @pytest.fixture(scope="session")
 def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Any]]:
-    """``generate(model, prompts, max_tokens, **llm_kwargs)``: greedy run in a fresh, killable process.
+    """``generate(model, prompts, max_tokens, **llm_kwargs)``: greedy run in a fresh, killable process
+    (``rounds``: more prompt lists generated after ``prompts``, in order, by the same engine).
 
     Returns the driver's JSON plus ``log`` (vLLM's output) and ``kv`` (its KV-capacity report).
     A run without Helix gets the attention backend vLLM can run for its dtype on this CPU
@@ -51,13 +52,13 @@ def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
     counter = iter(range(10**6))
 
     def run(model: Path, prompts: list[list[int]], max_tokens: int, timeout_s: float = 480,
-            repeat: bool = False, **llm_kwargs: Any):
+            repeat: bool = False, rounds: list[list[list[int]]] = (), **llm_kwargs: Any):
         out = root / f"run{next(counter)}.json"
         llm_kwargs.setdefault("dtype", "float32")
         if "helix" not in llm_kwargs.get("additional_config", {}):
             llm_kwargs = {**baseline_engine_kwargs(model, llm_kwargs["dtype"]), **llm_kwargs}
         spec = {"model": str(model), "out": str(out), "prompts": prompts, "max_tokens": max_tokens,
-                "llm_kwargs": llm_kwargs, "repeat": repeat}
+                "llm_kwargs": llm_kwargs, "repeat": repeat, "rounds": list(rounds)}
         env = cpu_env(int(llm_kwargs.get("tensor_parallel_size", 1)))
         proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(spec)], env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

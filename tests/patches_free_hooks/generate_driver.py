@@ -4,7 +4,9 @@ Used by the end-to-end tests as ``python generate_driver.py SPEC_JSON`` so every
 engine lives in its own killable process. SPEC keys: model, out, prompts
 (token-id lists), max_tokens, llm_kwargs (passed to vllm.LLM, e.g.
 additional_config={"helix": {...}}), repeat (generate the same prompts a second
-time: prefix-cache hits). The JSON also carries vLLM's preemption counter.
+time: prefix-cache hits), rounds (more prompt lists, generated one after another
+in the same engine; their results follow the first round's). The JSON also carries
+vLLM's preemption counter and the HelixConnector's counters (``vllm:helix_kv_*``).
 """
 
 import json
@@ -27,13 +29,17 @@ def main() -> None:
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
     started = time.time()
     outputs = llm.generate(prompts, params, use_tqdm=False)
+    for more in spec.get("rounds", []):
+        outputs += llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in more], params, use_tqdm=False)
     generate_s = time.time() - started
     report = {"results": _results(outputs), "load_s": load_s, "generate_s": generate_s}
     if spec.get("repeat"):
         again = llm.generate(prompts, params, use_tqdm=False)
         report["repeat"] = _results(again)
         report["repeat_cached_tokens"] = [o.num_cached_tokens or 0 for o in again]
-    report["preemptions"] = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    metrics = llm.get_metrics()
+    report["preemptions"] = sum(m.value for m in metrics if m.name == "vllm:num_preemptions")
+    report["connector"] = {m.name: m.value for m in metrics if m.name.startswith("vllm:helix_kv_")}
     with open(spec["out"], "w") as f:
         json.dump(report, f)
 
@@ -44,7 +50,8 @@ def _results(outputs):
         completion = output.outputs[0]
         results.append({
             "ids": list(completion.token_ids),
-            "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
+            "logprobs": [step[token].logprob for step, token in zip(completion.logprobs or [], completion.token_ids)],
+            "finish_reason": completion.finish_reason,
         })
     return results
 

@@ -128,6 +128,40 @@ def test_connectors_that_can_feed_it_pass(twins: dict[str, Path], model: str, he
     assert apply_helix(_args(twins[model], helix, kv_transfer_config=_transfer(connector))) is not None
 
 
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"pth": "/tmp/x"}, "unknown HelixConnector option 'pth'.*did you mean 'path'"),
+    ({"path": "kv"}, "must be an absolute directory"),
+    ({"path": "/"}, "other than /"),
+    ({"max_age_s": -1}, "max_age_s=-1"),
+    ({"max_bytes": float("nan")}, "max_bytes=nan"),
+])
+@pytest.mark.parametrize("helix", [None, {"kvp": 2, "tpa": 1}])  # a plain producer is checked like a Helix consumer
+def test_bad_helix_connector_options_are_refused_at_start_up_on_every_engine(
+        twins: dict[str, Path], extra: dict, message: str, helix: dict | None) -> None:
+    from vllm.config import KVTransferConfig
+
+    transfer = KVTransferConfig(kv_connector="HelixConnector", kv_role="kv_producer", kv_connector_extra_config=extra)
+    args = _args(twins["llama1"], helix, kv_transfer_config=transfer)
+    with pytest.raises(HelixStartupError, match=f"^--kv-transfer-config: .*{message}"):
+        engine_config.check_helix_connector(args)
+
+
+def test_a_store_directory_open_to_other_users_is_refused_with_the_fix(twins: dict[str, Path], tmp_path: Path) -> None:
+    from vllm.config import KVTransferConfig
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    transfer = KVTransferConfig(kv_connector="HelixConnector", kv_role="kv_consumer",
+                                kv_connector_extra_config={"path": str(shared)})
+    with pytest.raises(HelixStartupError, match="open to other users .*chmod 700"):
+        engine_config.check_helix_connector(_args(twins["llama1"], None, kv_transfer_config=transfer))
+    private = tmp_path / "private" / "kv"
+    transfer.kv_connector_extra_config = {"path": str(private)}
+    engine_config.check_helix_connector(_args(twins["llama1"], None, kv_transfer_config=transfer))
+    assert private.is_dir() and private.stat().st_mode & 0o777 == 0o700
+
+
 def test_more_workers_than_cores_is_refused(twins: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     monkeypatch.setattr(engine_config.os, "sched_getaffinity", lambda pid: {0})

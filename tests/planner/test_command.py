@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from vllm_helix.commands.cli import main
-from vllm_helix.kv_store import DEFAULT_PATH
 from vllm_helix.planner.command import parse_tokens
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.layouts import Layout
@@ -194,13 +193,14 @@ def test_disaggregation_section(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert "Disaggregated serving of ISL 16384 / OSL 2048 at 5 req/s" in out and "prefill:decode =" in out
     prefill = re.search(r"prefill: TP=(\d+)", out).group(1)
-    connector = '{{"kv_connector":"HelixConnector","kv_role":"{}","kv_connector_extra_config":{{"path":"{}"}}}}'
+    # no path: both servers use the store's per-user default directory
+    connector = '{{"kv_connector":"HelixConnector","kv_role":"{}","kv_connector_extra_config":{{}}}}'
     assert (f"  prefill server: vllm serve meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size {prefill} "
-            f"--kv-transfer-config '{connector.format('kv_producer', DEFAULT_PATH)}'") in out
+            f"--kv-transfer-config '{connector.format('kv_producer')}'") in out
     decode = re.search(r"  decode server: (.*) --kv-transfer-config '(.*)'$", out, re.M)
     assert decode.group(1).startswith(("vllm serve ", "vllm-helix serve "))
     assert json.loads(decode.group(2)) == {"kv_connector": "HelixConnector", "kv_role": "kv_consumer",
-                                           "kv_connector_extra_config": {"path": DEFAULT_PATH}}
+                                           "kv_connector_extra_config": {}}
 
 
 def test_the_split_serves_a_helix_decode_pool_with_the_consumer_connector(capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,8 +209,7 @@ def test_the_split_serves_a_helix_decode_pool_with_the_consumer_connector(capsys
                          "--json")
     split = json.loads(out)["disaggregation"]
     assert split["commands"]["decode"].startswith("vllm-helix serve deepseek-ai/DeepSeek-R1 --helix kvp=")
-    assert split["commands"]["decode"].endswith('"kv_role":"kv_consumer","kv_connector_extra_config":'
-                                                f'{{"path":"{DEFAULT_PATH}"}}}}\'')
+    assert split["commands"]["decode"].endswith('"kv_role":"kv_consumer","kv_connector_extra_config":{}}\'')
     assert '"kv_role":"kv_producer"' in split["commands"]["prefill"]
     router = split["commands"]["router"]
     assert router.startswith("vllm-router --vllm-pd-disaggregation --prefill http://PREFILL_1:8000")
