@@ -35,6 +35,9 @@ DIRECT_IMPORTS: dict[str, str] = {
 # Every vLLM symbol the plugin touches: "module:attr.attr".
 INTERNALS: tuple[str, ...] = (
     "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+    "vllm.engine.arg_utils:EngineArgs.from_cli_args",
+    "vllm.utils.argparse_utils:FlexibleArgumentParser",
+    "vllm.entrypoints.cli.serve:ServeSubcommand",
     "vllm.v1.attention.backends.registry:register_backend",
     "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_ATTN",
     "vllm.v1.attention.backends.registry:AttentionBackendEnum.CPU_MLA",

@@ -19,10 +19,14 @@ the constraint and a working alternative, never a traceback from a worker.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from vllm_helix.config import (ADDITIONAL_CONFIG_KEY, HelixConfig, HelixConfigError, ModelShape, from_additional_config,
@@ -58,19 +62,64 @@ def model_shape(model_config: Any, block_size: int) -> ModelShape:
     )
 
 
+@dataclass(frozen=True)
+class TargetPlatform:
+    """The platform a command is checked for when it is not this machine's (``serve --check cuda:9.0``):
+    the start-up rules below read it instead of vLLM's ``current_platform``."""
+
+    kind: str  # "cpu" | "cuda"
+    capability: tuple[int, int] | None = None  # CUDA compute capability
+    cores: int | None = None  # CPU cores (None: this machine's)
+
+    @classmethod
+    def parse(cls, text: str) -> TargetPlatform:
+        match = re.fullmatch(r"cpu(?::([1-9][0-9]*))?|cuda:([0-9]+)\.([0-9]+)", text.strip().lower())
+        if match is None:
+            raise HelixStartupError(f"--check {text!r}: name a platform as cpu, cpu:CORES or cuda:MAJOR.MINOR "
+                                    "(e.g. cuda:9.0 for H100, cuda:10.0 for B200)")
+        if text.strip().lower().startswith("cpu"):
+            return cls("cpu", cores=int(match.group(1)) if match.group(1) else None)
+        return cls("cuda", capability=(int(match.group(2)), int(match.group(3))))
+
+    def describe(self) -> str:
+        if self.kind == "cuda":
+            return f"CUDA compute capability {self.capability[0]}.{self.capability[1]}"
+        return f"CPU with {self.cores} cores" if self.cores else "this machine's CPU"
+
+
+_TARGET: TargetPlatform | None = None
+
+
+@contextlib.contextmanager
+def checking_for(target: TargetPlatform | None) -> Iterator[None]:
+    """Apply the start-up rules of ``target`` (None: this machine) inside the block."""
+    global _TARGET
+    previous, _TARGET = _TARGET, target
+    try:
+        yield
+    finally:
+        _TARGET = previous
+
+
 def _is_cpu_platform() -> bool:
+    if _TARGET is not None:
+        return _TARGET.kind == "cpu"
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
 
 
 def _is_cuda_platform() -> bool:
+    if _TARGET is not None:
+        return _TARGET.kind == "cuda"
     from vllm.platforms import current_platform
 
     return current_platform.is_cuda()
 
 
 def _cuda_capability() -> tuple[int, int]:
+    if _TARGET is not None and _TARGET.capability is not None:
+        return _TARGET.capability
     from vllm.platforms import current_platform
 
     capability = current_platform.get_device_capability()
@@ -84,6 +133,8 @@ def _cpu_worker_slots() -> int | None:
     workers to cores (``VLLM_CPU_OMP_THREADS_BIND``), which vLLM then checks itself."""
     if not _is_cpu_platform() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
         return None
+    if _TARGET is not None and _TARGET.cores is not None:
+        return _TARGET.cores
     return len(os.sched_getaffinity(0))
 
 
@@ -316,8 +367,9 @@ def check_cpu_cores(world: int) -> None:
 
 def _bind_one_core_range_per_worker(world: int) -> None:
     """vLLM's CPU workers need explicit core binding with more than one worker."""
-    if world == 1 or not _is_cpu_platform() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
-        return
+    if world == 1 or _TARGET is not None or not _is_cpu_platform() \
+            or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return  # (a check for another platform binds nothing)
     cores = sorted(os.sched_getaffinity(0))
     per = len(cores) // world
     ranges = [cores[i * per:(i + 1) * per] for i in range(world)]

