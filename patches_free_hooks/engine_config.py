@@ -24,14 +24,13 @@ import functools
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from vllm_helix.config import (ADDITIONAL_CONFIG_KEY, HelixConfig, HelixConfigError, ModelShape, from_additional_config,
                                near_miss_key)
 from vllm_helix.kv_store import CONNECTOR_NAME, StoreConfig, StoreConfigError, private_root
+from vllm_helix.serving_rules import Platform, check_layout, check_platform
 
 from patches_free_hooks.compat import HelixStartupError, check_supported_version, internal
 from patches_free_hooks.cuda_attention import plan_cuda_attention
@@ -62,36 +61,11 @@ def model_shape(model_config: Any, block_size: int) -> ModelShape:
     )
 
 
-@dataclass(frozen=True)
-class TargetPlatform:
-    """The platform a command is checked for when it is not this machine's (``serve --check cuda:9.0``):
-    the start-up rules below read it instead of vLLM's ``current_platform``."""
-
-    kind: str  # "cpu" | "cuda"
-    capability: tuple[int, int] | None = None  # CUDA compute capability
-    cores: int | None = None  # CPU cores (None: this machine's)
-
-    @classmethod
-    def parse(cls, text: str) -> TargetPlatform:
-        match = re.fullmatch(r"cpu(?::([1-9][0-9]*))?|cuda:([0-9]+)\.([0-9]+)", text.strip().lower())
-        if match is None:
-            raise HelixStartupError(f"--check {text!r}: name a platform as cpu, cpu:CORES or cuda:MAJOR.MINOR "
-                                    "(e.g. cuda:9.0 for H100, cuda:10.0 for B200)")
-        if text.strip().lower().startswith("cpu"):
-            return cls("cpu", cores=int(match.group(1)) if match.group(1) else None)
-        return cls("cuda", capability=(int(match.group(2)), int(match.group(3))))
-
-    def describe(self) -> str:
-        if self.kind == "cuda":
-            return f"CUDA compute capability {self.capability[0]}.{self.capability[1]}"
-        return f"CPU with {self.cores} cores" if self.cores else "this machine's CPU"
-
-
-_TARGET: TargetPlatform | None = None
+_TARGET: Platform | None = None  # a platform checked for (serve --check), instead of this machine's
 
 
 @contextlib.contextmanager
-def checking_for(target: TargetPlatform | None) -> Iterator[None]:
+def checking_for(target: Platform | None) -> Iterator[None]:
     """Apply the start-up rules of ``target`` (None: this machine) inside the block."""
     global _TARGET
     previous, _TARGET = _TARGET, target
@@ -126,6 +100,15 @@ def _cuda_capability() -> tuple[int, int]:
     if capability is None:
         raise HelixStartupError("vLLM reports no CUDA device capability; Helix cannot choose an attention backend")
     return int(capability.major), int(capability.minor)
+
+
+def _platform() -> Platform:
+    """The platform the start-up rules apply to: the one checked for, else this machine's."""
+    if _TARGET is not None:
+        return _TARGET
+    if _is_cpu_platform():
+        return Platform("cpu", cores=_cpu_worker_slots())
+    return Platform("cuda", capability=_cuda_capability())
 
 
 def _cpu_worker_slots() -> int | None:
@@ -204,16 +187,10 @@ def resolve_attention(helix: HelixConfig, args: Any, model_config: Any) -> tuple
 
 def check_cuda_settings(helix: HelixConfig, args: Any, model_config: Any) -> None:
     """What Helix on CUDA cannot honour: it runs on vLLM's backends and exchange, not the plugin's."""
-    if helix.hopb > 1:
-        raise HelixStartupError(
-            f"hopb={helix.hopb}: HOP-B runs in the plugin's CPU backends; on CUDA Helix uses vLLM's "
-            "own LSE-returning backends, whose exchange is not overlapped: use hopb=1"
-        )
-    if helix.ep > 1:
-        raise HelixStartupError(
-            f"helix ep={helix.ep}: the MoE TPF x EP grid is built on vLLM's CPU experts only and has not run "
-            f"on CUDA; use ep=1,tpf={helix.world_size} (experts tensor-parallel over all ranks)"
-        )
+    try:
+        check_platform(helix, Platform("cuda", capability=_cuda_capability()))  # the planner's rule too
+    except HelixConfigError as err:
+        raise HelixStartupError(str(err)) from None
     if args.dcp_comm_backend not in (None, "a2a"):
         raise HelixStartupError(
             f"--dcp-comm-backend {args.dcp_comm_backend} is not Helix's exchange (one all-to-all of "
@@ -254,16 +231,6 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
         raise HelixStartupError(
             "Helix runs one kvp x tpa instance: --pipeline-parallel-size and "
             "--data-parallel-size must be 1 (run several servers behind a router for more)"
-        )
-    if not shape.is_mla and helix.kvp > 1 and helix.tpa != shape.num_kv_heads:
-        kvp = max(1, world // shape.num_kv_heads)
-        needed = kvp * shape.num_kv_heads
-        fix = (f"use kvp={kvp},tpa={shape.num_kv_heads} on {needed} workers" if _runnable_world(needed) else
-               f"a kvp>1 layout needs at least {2 * shape.num_kv_heads} workers (kvp=2,tpa={shape.num_kv_heads}) "
-               f"and this machine has {_cpu_worker_slots()} cores: serve it without Helix or on a larger machine")
-        raise HelixStartupError(
-            f"tpa={helix.tpa} is below the model's {shape.num_kv_heads} KV heads: vllm-helix "
-            f"keeps one KV head per TPA slice (tpa = KV heads), so {fix}"
         )
     if args.kv_cache_dtype not in ("auto", None):
         raise HelixStartupError(
@@ -399,7 +366,12 @@ def apply_helix(args: Any) -> HelixConfig | None:
     block_size, stripe = resolve_attention(helix, args, model_config)
     shape = model_shape(model_config, block_size)
     resolved = HelixConfig(**{**helix.to_dict(), "stripe": stripe})
-    resolved.validate(resolved.world_size, shape, max_world_size=_cpu_worker_slots())
+    try:  # the layout rules the planner enumerates with (vllm_helix.serving_rules)
+        check_layout(resolved, shape, _platform(), max_workers=_cpu_worker_slots())
+    except HelixStartupError:
+        raise
+    except HelixConfigError as err:
+        raise HelixStartupError(str(err)) from None
     check_vllm_settings(resolved, shape, args)
     check_kv_transfer(resolved, shape, args, block_size)
     if resolved.ep > 1:

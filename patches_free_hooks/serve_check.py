@@ -20,12 +20,13 @@ import sys
 from collections.abc import Sequence
 
 from vllm_helix.config import HelixConfigError
+from vllm_helix.serving_rules import Platform
 
 from patches_free_hooks import engine_config
 from patches_free_hooks.compat import HelixStartupError, internal
 
 
-def check(argv: Sequence[str], target: engine_config.TargetPlatform | None) -> str:
+def check(argv: Sequence[str], target: Platform | None) -> str:
     """Run the start-up checks of ``vllm <argv>`` (``argv[0] == "serve"``); the one-line verdict, or raise."""
     parser_cls = internal("vllm.utils.argparse_utils:FlexibleArgumentParser")
     parser = parser_cls(prog="vllm")
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from patches_free_hooks import plugin
 
         plugin.register()  # the hooks a real start installs (MoE grid, connector), in this process
-        target = engine_config.TargetPlatform.parse(platform[0]) if platform else None
+        target = Platform.parse(platform[0]) if platform else None
         print(check(serve_argv, target), flush=True)
     except HelixConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

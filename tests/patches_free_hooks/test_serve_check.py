@@ -11,9 +11,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
-from patches_free_hooks.compat import HelixStartupError  # noqa: E402
 from vllm_helix.config import HelixConfigError  # noqa: E402
-from patches_free_hooks.engine_config import TargetPlatform  # noqa: E402
+from vllm_helix.serving_rules import Platform  # noqa: E402
 from patches_free_hooks.serve_check import check  # noqa: E402
 from vllm_helix.commands.serve import _take_check, vllm_serve_argv  # noqa: E402
 
@@ -28,7 +27,7 @@ def test_a_servable_layout_passes_for_this_machine_and_for_a_gpu(twins: dict[str
     verdict = check(_argv(twins["llama1"], "--helix", "kvp=2,tpa=1"), None)
     assert verdict.startswith("ok: Helix kvp=2,tpa=1") and "this machine" in verdict
     assert "decode_context_parallel_size=2" in verdict
-    verdict = check(_argv(twins["llama1"], "--helix", "kvp=2,tpa=1"), TargetPlatform.parse("cuda:9.0"))
+    verdict = check(_argv(twins["llama1"], "--helix", "kvp=2,tpa=1"), Platform.parse("cuda:9.0"))
     assert "CUDA compute capability 9.0" in verdict and "stripe=16" in verdict  # the CUDA backend's block size
     assert check(_argv(twins["llama1"], "--helix", "off"), None).startswith("ok: plain vLLM")
 
@@ -44,20 +43,20 @@ def test_a_command_that_would_not_start_is_refused_with_the_rule(twins: dict[str
                                                                  platform: str | None, message: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
-    target = TargetPlatform.parse(platform) if platform else None
-    with pytest.raises(HelixConfigError, match=message):  # HelixStartupError or the layout's own error
+    target = Platform.parse(platform) if platform else None
+    with pytest.raises(HelixConfigError, match=message):
         check(_argv(twins["llama1"], *args), target)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("cpu", TargetPlatform("cpu")), ("CPU:64", TargetPlatform("cpu", cores=64)),
-    ("cuda:9.0", TargetPlatform("cuda", capability=(9, 0))), ("cuda:10.3", TargetPlatform("cuda", capability=(10, 3))),
+    ("cpu", Platform("cpu")), ("CPU:64", Platform("cpu", cores=64)),
+    ("cuda:9.0", Platform("cuda", capability=(9, 0))), ("cuda:10.3", Platform("cuda", capability=(10, 3))),
 ])
-def test_platforms_are_named_as_cpu_or_a_cuda_capability(text: str, expected: TargetPlatform) -> None:
-    assert TargetPlatform.parse(text) == expected
+def test_platforms_are_named_as_cpu_or_a_cuda_capability(text: str, expected: Platform) -> None:
+    assert Platform.parse(text) == expected
     for bad in ("gpu", "cuda", "cuda:9", "cpu:0", "h100"):
-        with pytest.raises(HelixStartupError, match="name a platform as cpu, cpu:CORES or cuda:MAJOR.MINOR"):
-            TargetPlatform.parse(bad)
+        with pytest.raises(HelixConfigError, match="name it as cpu, cpu:CORES or cuda:MAJOR.MINOR"):
+            Platform.parse(bad)
 
 
 def test_serve_takes_the_check_flag_out_of_the_vllm_arguments() -> None:

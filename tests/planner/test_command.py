@@ -53,8 +53,10 @@ def test_paper_setting_recommends_helix(capsys: pytest.CaptureFixture[str]) -> N
     assert code == 0
     plan = json.loads(out)
     best = plan["best"]
-    assert best["family"] == "Helix" and best["ttl_ms"] <= 5
+    # GB200 is CUDA: HOP-B runs only in the plugin's CPU backends, so the recommendation is Helix without it
+    assert best["family"] in ("Helix", "Helix (no HOP-B)") and best["ttl_ms"] <= 5
     assert HELIX_COMMAND.match(best["command"]) and "deepseek-ai/DeepSeek-R1" in best["command"]
+    assert best["command"].endswith("hopb=1")
     assert plan["points_priced"] > 10_000
     assert abs(sum(best["breakdown_ms"].values()) - best["ttl_ms"]) < 1e-9
     assert {"Helix", "TP", "DP attn + EP"} <= set(plan["best_per_strategy"])
@@ -83,10 +85,16 @@ def test_tiny_twin_presets_plan(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_single_helix_layout(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _plan(capsys, "--model", "llama-3.1-405b", "--context", "1M", "--weight-dtype", "fp4",
-                         "--helix", "kvp=8,tpa=8,hopb=4", "--json")
+                         "--helix", "kvp=8,tpa=8", "--json")
     assert code == 0
     best = json.loads(out)["best"]
     assert best["layout"]["kvp"] == 8 and best["layout"]["tpa"] == 8 and best["gpus"] == 64
+    # the layout is checked by serve's rules for the hardware's platform: no HOP-B on CUDA, tpa = KV heads
+    for layout, rule in (("kvp=8,tpa=8,hopb=4", "hopb=4: HOP-B runs in the plugin's CPU backends"),
+                         ("kvp=16,tpa=4", "tpa=4 is below the model's 8 KV heads")):
+        code, _, err = _plan(capsys, "--model", "llama-3.1-405b", "--context", "1M", "--weight-dtype", "fp4",
+                             "--helix", layout)
+        assert code == 2 and rule in err
 
 
 def test_no_point_vllm_would_refuse_to_start(capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,7 +125,7 @@ def test_every_plan_shows_its_headline_against_the_message_latency(capsys: pytes
     assert at_profile["baseline"]["strategy"] in ("tp", "tp_pp", "dp_ep")
     assert rows[0]["ratio"] >= rows[2]["ratio"]  # slower messages never help Helix more than faster ones
     code, out, _ = _plan(capsys, "--model", "llama-3.1-405b", "--context", "1M", "--weight-dtype", "fp4",
-                         "--helix", "kvp=8,tpa=8,hopb=4", "--json")
+                         "--helix", "kvp=8,tpa=8", "--json")
     assert code == 0 and json.loads(out)["latency_sensitivity"] == []
 
 

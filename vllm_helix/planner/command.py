@@ -173,7 +173,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise PlannerError(f"--batch {args.batch!r} must be comma-separated integers, e.g. 1,8,64") from None
     gpus = hardware.gpus_per_domain if args.gpus is None else args.gpus
     if args.helix:
-        layout = _helix_layout(args.helix, model)
+        layout = _helix_layout(args.helix, model, hardware)
         gpus = layout.gpus if args.gpus is None else gpus
         if gpus < layout.gpus:
             raise PlannerError(f"--helix {args.helix} needs {layout.gpus} GPUs but --gpus is {gpus}")
@@ -227,13 +227,14 @@ def _ttl_budget(text: str | None) -> float | None:
     return value / 1e3
 
 
-def _helix_layout(spec: str, model: "ModelSpec") -> Any:
-    """The one Layout named by ``--helix``, checked like `vllm-helix serve` checks it."""
+def _helix_layout(spec: str, model: "ModelSpec", hardware: Any) -> Any:
+    """The one Layout named by ``--helix``, checked by `vllm-helix serve`'s rules for the hardware's platform."""
     from vllm_helix.config import HelixConfig
     from vllm_helix.planner.layouts import Layout, helix_shape
+    from vllm_helix.serving_rules import check_layout
 
     config = HelixConfig.parse(spec)
-    config.validate(config.world_size, helix_shape(model))
+    check_layout(config, helix_shape(model), hardware.platform)
     return Layout("helix", tpa=config.tpa, kvp=config.kvp, tpf=config.tpf, ep=config.ep, hopb=config.hopb > 1)
 
 

@@ -18,10 +18,12 @@ from typing import Any, Mapping
 
 import yaml
 
+from vllm_helix.config import HelixConfigError
 from vllm_helix.planner.calibration import Calibration
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.model_spec import CONFIG_ROOT
 from vllm_helix.planner.precision import canonical_dtype, flop_rate_key
+from vllm_helix.serving_rules import Platform
 
 HARDWARE_PRESET_DIR = CONFIG_ROOT / "hardware"
 DEFAULT_RUNTIME_RESERVE_GB = 2.0
@@ -54,6 +56,8 @@ class HardwareSpec:
     runtime_reserve: float = DEFAULT_RUNTIME_RESERVE_GB * 1e9
     # Engine costs fitted on this machine (measured profiles of machines that run vLLM); None: roofline only.
     calibration: Calibration | None = None
+    # Where its layouts run: the serve rules of this platform (vllm_helix.serving_rules) decide what is servable.
+    platform: Platform = Platform("cuda")
 
     def flop_rate(self, dtype: str) -> float:
         """Dense tensor-core FLOP/s for ``dtype``; raises if the chip has no such rate."""
@@ -153,7 +157,7 @@ PROFILE_KEYS: dict[str, tuple[str, ...]] = {
     "scale_out": ("bandwidth_gb_s", "latency_us"),
     "power": ("tdp_w",),
 }
-_TOP_LEVEL_KEYS = ("name", "description", "measured", *PROFILE_KEYS, "calibration")
+_TOP_LEVEL_KEYS = ("name", "description", "measured", "platform", *PROFILE_KEYS, "calibration")
 
 
 def _check_keys(data: Mapping[str, Any], where: str) -> None:
@@ -194,7 +198,18 @@ def hardware_from_dict(data: Mapping[str, Any], name: str) -> HardwareSpec:
         description=str(data.get("description", "")),
         runtime_reserve=_non_negative(memory, "runtime_reserve_gb", where, DEFAULT_RUNTIME_RESERVE_GB) * 1e9,
         calibration=Calibration.from_yaml(data["calibration"], where) if "calibration" in data else None,
+        platform=_platform(data, where),
     )
+
+
+def _platform(data: Mapping[str, Any], where: str) -> Platform:
+    """``platform:`` (``cuda:MAJOR.MINOR``, ``cpu`` or ``cpu:CORES``); a GPU (CUDA) profile when not given."""
+    if "platform" not in data:
+        return Platform("cuda")
+    try:
+        return Platform.parse(str(data["platform"]))
+    except HelixConfigError as err:
+        raise PlannerError(f"hardware profile {where}: {err}") from None
 
 
 def load_hardware(ref: str) -> HardwareSpec:

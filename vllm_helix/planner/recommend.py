@@ -4,9 +4,11 @@ With a TTL budget, a layout's best point is its highest tokens/s/GPU among batch
 that meet the budget (ties: lower TTL); without one, its lowest TTL (ties: higher
 throughput), i.e. the most interactive way to run it. The recommendation is the
 best such point over the layouts a command can serve: Medha-style KVP is a
-baseline with no vLLM mode, and "Helix (no HOP-B)" never beats the same layout
-with HOP-B (which may choose one micro-batch), so both are left out of the ranking
-(they stay in the per-strategy table and the plot).
+baseline with no vLLM mode; a Helix point must pass ``vllm-helix serve``'s own layout
+rules for the hardware's platform (:func:`vllm_helix.serving_rules.check_layout`: e.g.
+no HOP-B on CUDA, ``tpa`` = KV heads when ``kvp > 1``); and "Helix (no HOP-B)" never
+beats the same layout with HOP-B where that one is servable (it may choose one
+micro-batch). The points left out stay in the per-strategy table and the plot.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from vllm_helix.config import HelixConfigError
 from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, scheduler_defaults, scheduler_limits
 from vllm_helix.planner.errors import PlannerError
-from vllm_helix.planner.layouts import HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout
+from vllm_helix.planner.layouts import HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout, helix_shape
 from vllm_helix.planner.search import SearchResult
+from vllm_helix.serving_rules import check_layout
 
 
 @dataclass(frozen=True)
@@ -132,12 +136,27 @@ def best_per_family(points: list[PlanPoint]) -> dict[str, PlanPoint]:
     return best
 
 
-def _servable(points: list[PlanPoint]) -> list[PlanPoint]:
-    """Points a command can serve: not Medha-style KVP (a baseline with no vLLM mode), and not
-    "Helix (no HOP-B)" where the same layout was also priced with HOP-B."""
-    with_overlap = {p.layout for p in points if p.layout.hopb}
-    return [p for p in points if p.layout.strategy != "kvp"
-            and not (p.layout.family == HELIX_NO_OVERLAP and replace(p.layout, hopb=True) in with_overlap)]
+def serve_refusal(point: PlanPoint, result: SearchResult) -> str | None:
+    """Why ``vllm-helix serve`` would refuse ``point`` on the hardware's platform (None: it serves it)."""
+    if point.layout.strategy == "kvp":
+        return "Medha-style KVP has no vLLM mode"
+    if point.layout.strategy != "helix":
+        return None
+    config = point.layout.helix_config(point.micro_batches if point.layout.hopb else 1)
+    try:
+        check_layout(config, helix_shape(result.model), result.hardware.platform)
+    except HelixConfigError as err:
+        return str(err)
+    return None
+
+
+def _servable(points: list[PlanPoint], result: SearchResult) -> list[PlanPoint]:
+    """Points a command can serve (:func:`serve_refusal`), less "Helix (no HOP-B)" where the same
+    layout is also servable with HOP-B."""
+    servable = [p for p in points if serve_refusal(p, result) is None]
+    with_overlap = {p.layout for p in servable if p.layout.hopb}
+    return [p for p in servable
+            if not (p.layout.family == HELIX_NO_OVERLAP and replace(p.layout, hopb=True) in with_overlap)]
 
 
 def recommend(result: SearchResult, ttl_budget: float | None = None) -> tuple[PlanPoint, list[PlanPoint]]:
@@ -146,9 +165,9 @@ def recommend(result: SearchResult, ttl_budget: float | None = None) -> tuple[Pl
     Raises :class:`PlannerError` naming the fastest achievable TTL when no layout
     meets the budget.
     """
-    candidates = _servable(best_points(result, ttl_budget))
+    candidates = _servable(best_points(result, ttl_budget), result)
     if not candidates:
-        fastest = _servable(best_points(result))[0]
+        fastest = _servable(best_points(result), result)[0]
         raise PlannerError(
             f"no layout reaches TTL <= {ttl_budget * 1e3:.3g} ms; the fastest is "
             f"{fastest.ttl * 1e3:.3g} ms ({fastest.layout.family} {fastest.layout.describe()} on "

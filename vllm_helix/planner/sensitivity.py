@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from vllm_helix.planner.hardware_spec import HardwareSpec, Link
-from vllm_helix.planner.recommend import PlanPoint, best_points
+from vllm_helix.planner.recommend import PlanPoint, best_points, serve_refusal
 from vllm_helix.planner.search import SearchResult
 
 LATENCY_FACTORS = (0.5, 1.0, 5.0)
@@ -55,7 +55,7 @@ def latency_sensitivity(base: SearchResult, price: Callable[[HardwareSpec], Sear
         result = base if factor == 1.0 else price(replace(hardware, scale_up=Link(hardware.scale_up.bandwidth,
                                                                                    latency)))
         ranked = best_points(result, ttl_budget)
-        helix = next((p for p in ranked if p.layout.strategy == "helix"), None)
+        helix = next((p for p in ranked if p.layout.strategy == "helix" and serve_refusal(p, result) is None), None)
         baseline = next((p for p in ranked if p.layout.strategy in SERVABLE_BASELINES), None)
         points.append(LatencyPoint(latency, helix, baseline, ttl_budget))
     return points
@@ -67,7 +67,7 @@ def sensitivity_text(points: list[LatencyPoint], assumed_latency: float) -> list
              f"(the profile assumes {assumed_latency * 1e6:g} us):"]
     for p in points:
         if p.helix is None or p.baseline is None:
-            missing = "no Helix layout" if p.helix is None else "no servable baseline"
+            missing = "no servable Helix layout" if p.helix is None else "no servable baseline"
             lines.append(f"  {p.latency_s * 1e6:g} us: {missing} meets the budget")
             continue
         unit = "tok/s/GPU" if p.ttl_budget is not None else "ms TTL"
