@@ -185,28 +185,8 @@ class HelixConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "HelixConfig":
         """Load a preset; the file holds the options at top level or under ``helix:``."""
-        path = Path(path)
-        try:
-            data = yaml.load(path.read_text(), Loader=_StrictYAMLLoader)  # noqa: S506  # a SafeLoader subclass
-        except FileNotFoundError:
-            raise HelixConfigError(f"helix config file {str(path)!r} does not exist") from None
-        except yaml.YAMLError as err:
-            raise HelixConfigError(f"helix config file {str(path)!r} is not valid YAML: {err}") from None
-        except HelixConfigError as err:
-            raise HelixConfigError(f"helix config file {str(path)!r}: {err}") from None
-        if isinstance(data, Mapping) and "helix" in data:
-            beside = sorted(str(key) for key in data if key != "helix")
-            if beside:
-                placed = [k for k in beside if k in _INT_FIELDS]
-                where = (f"Helix options belong under 'helix:' (e.g. helix: {{{placed[0]}: "
-                         f"{data[placed[0]]}}})" if placed else f"valid keys are 'helix' and, under it, "
-                         f"{', '.join(_INT_FIELDS)}")
-                raise HelixConfigError(
-                    f"helix config file {str(path)!r} has key(s) {beside} beside 'helix:', which would be "
-                    f"ignored; {where}"
-                )
-            data = data["helix"]
-        return cls.from_dict(data if data is not None else {})
+        return load_preset(path)[0]
+
 
     def to_dict(self) -> dict[str, int]:
         """The dict form (round-trips through :meth:`from_dict`); unset stripe is omitted."""
@@ -285,6 +265,38 @@ class HelixConfig:
                 f"{_divisors(model.block_size)}"
             )
         return self
+
+
+def load_preset(path: str | Path) -> tuple[HelixConfig, str | None]:
+    """A preset's layout and the platform it names (``platform:`` beside ``helix:``, e.g. ``cpu:2`` or
+    ``cuda:9.0``: where it is meant to run, what ``serve --helix-config FILE --check`` checks it for)."""
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_StrictYAMLLoader)  # noqa: S506  # a SafeLoader subclass
+    except FileNotFoundError:
+        raise HelixConfigError(f"helix config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise HelixConfigError(f"helix config file {str(path)!r} is not valid YAML: {err}") from None
+    except HelixConfigError as err:
+        raise HelixConfigError(f"helix config file {str(path)!r}: {err}") from None
+    platform = None
+    if isinstance(data, Mapping) and "helix" in data:
+        beside = sorted(str(key) for key in data if key not in ("helix", "platform"))
+        if beside:
+            placed = [k for k in beside if k in _INT_FIELDS]
+            where = (f"Helix options belong under 'helix:' (e.g. helix: {{{placed[0]}: "
+                     f"{data[placed[0]]}}})" if placed else f"valid keys are 'helix', 'platform' and, under "
+                     f"'helix', {', '.join(_INT_FIELDS)}")
+            raise HelixConfigError(
+                f"helix config file {str(path)!r} has key(s) {beside} beside 'helix:', which would be "
+                f"ignored; {where}"
+            )
+        platform = data.get("platform")
+        if platform is not None and not isinstance(platform, str):
+            raise HelixConfigError(f"helix config file {str(path)!r}: platform {platform!r} must be a string "
+                                   "such as cpu:2 or cuda:9.0")
+        data = data["helix"]
+    return HelixConfig.from_dict(data if data is not None else {}), platform
 
 
 ADDITIONAL_CONFIG_KEY = "helix"  # where vLLM's ``additional_config`` carries the layout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -37,9 +38,22 @@ def test_helix_off_is_plain_vllm_serve_with_the_users_own_additional_config() ->
 
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_preset_loads(preset: Path) -> None:
+def test_every_preset_loads_names_its_platform_and_passes_serves_rules_there(preset: Path) -> None:
+    from vllm_helix.config import load_preset
+    from vllm_helix.planner.layouts import helix_shape
+    from vllm_helix.planner.model_spec import load_model
+    from vllm_helix.serving_rules import Platform, check_layout
+
     argv = vllm_serve_argv("M", ["--helix-config", str(preset)])
     assert _additional(argv)["helix"]["kvp"] >= 1
+    helix, platform = load_preset(preset)
+    assert platform is not None, f"{preset.name} does not say where it runs (platform: cpu:2, cuda:9.0, ...)"
+    # the model a preset is for: the planner preset of the same name (tiny-llama.yaml is for the twin made
+    # with --kv-heads 1, as its comment says); the rules are serve's own
+    shape = helix_shape(load_model(preset.stem))
+    if preset.stem == "tiny-llama":
+        shape = dataclasses.replace(shape, num_kv_heads=1)
+    check_layout(helix, shape, Platform.parse(platform))
 
 
 @pytest.mark.parametrize(

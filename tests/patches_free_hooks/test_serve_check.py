@@ -75,3 +75,6 @@ def test_the_cli_answers_in_one_line_with_exit_0_or_2(twins: dict[str, Path]) ->
                          text=True, timeout=300)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.strip().splitlines()[-1].startswith(
         "error: hopb=2"), bad
+    preset = Path(__file__).resolve().parents[2] / "configs" / "tiny-llama.yaml"  # checked where it says it runs
+    own = subprocess.run([*cli, "--helix-config", str(preset), "--check"], capture_output=True, text=True, timeout=300)
+    assert own.returncode == 0 and "on CPU with 2 cores" in own.stdout, own

