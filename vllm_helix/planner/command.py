@@ -148,7 +148,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     from vllm_helix.planner.cost import Workload
     from vllm_helix.planner.disagg import TrafficMix, plan_disaggregation
     from vllm_helix.planner.errors import PlannerError
-    from vllm_helix.planner.hardware_spec import load_hardware
+    from vllm_helix.planner.hardware_spec import load_hardware, machine_warning
     from vllm_helix.planner.model_spec import context_warning, load_model
     from vllm_helix.planner.precision import Precision
     from vllm_helix.planner.recommend import best_per_family, best_points, recommend
@@ -162,7 +162,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     precision = Precision(weights, args.kv_dtype or weights, args.compute_dtype or weights, args.act_dtype)
     hardware.flop_rate(precision.compute)  # fail early on e.g. fp4 on H100
     work = Workload(parse_tokens(args.context), precision, memory_utilization=args.gpu_memory_utilization)
-    warnings = [w for w in (context_warning(model, work.context),) if w]
+    warnings = [w for w in (context_warning(model, work.context), machine_warning(hardware)) if w]
     ttl_budget = _ttl_budget(args.ttl_ms)
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     batches = None

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from vllm_helix.config import HelixConfigError
+from vllm_helix.host import cpu_flags_have_amx, cpu_model, same_cpu_kind
 from vllm_helix.planner.calibration import Calibration
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.model_spec import CONFIG_ROOT
@@ -58,6 +59,8 @@ class HardwareSpec:
     calibration: Calibration | None = None
     # Where its layouts run: the serve rules of this platform (vllm_helix.serving_rules) decide what is servable.
     platform: Platform = Platform("cuda")
+    # The machine a CPU profile was measured on ({"cpu": name, "amx": bool, "cores": n}); None for GPUs.
+    machine: Mapping[str, Any] | None = None
 
     def flop_rate(self, dtype: str) -> float:
         """Dense tensor-core FLOP/s for ``dtype``; raises if the chip has no such rate."""
@@ -156,6 +159,7 @@ PROFILE_KEYS: dict[str, tuple[str, ...]] = {
     "scale_up": ("bandwidth_gb_s", "latency_us", "gpus_per_domain"),
     "scale_out": ("bandwidth_gb_s", "latency_us"),
     "power": ("tdp_w",),
+    "machine": ("cpu", "amx", "cores"),  # CPU profiles: the machine they were measured on
 }
 _TOP_LEVEL_KEYS = ("name", "description", "measured", "platform", *PROFILE_KEYS, "calibration")
 
@@ -199,6 +203,7 @@ def hardware_from_dict(data: Mapping[str, Any], name: str) -> HardwareSpec:
         runtime_reserve=_non_negative(memory, "runtime_reserve_gb", where, DEFAULT_RUNTIME_RESERVE_GB) * 1e9,
         calibration=Calibration.from_yaml(data["calibration"], where) if "calibration" in data else None,
         platform=_platform(data, where),
+        machine=dict(data["machine"]) if isinstance(data.get("machine"), Mapping) else None,
     )
 
 
@@ -210,6 +215,20 @@ def _platform(data: Mapping[str, Any], where: str) -> Platform:
         return Platform.parse(str(data["platform"]))
     except HelixConfigError as err:
         raise PlannerError(f"hardware profile {where}: {err}") from None
+
+
+def machine_warning(hardware: HardwareSpec) -> str | None:
+    """One line when a CPU profile was measured on another machine kind than this one (None otherwise)."""
+    if hardware.machine is None:
+        return None
+    recorded, recorded_amx = str(hardware.machine.get("cpu", "?")), hardware.machine.get("amx")
+    here, here_amx = cpu_model(), cpu_flags_have_amx()
+    if same_cpu_kind(recorded, recorded_amx, here, here_amx):
+        return None
+    amx = {True: "AMX", False: "no AMX", None: "AMX unknown"}
+    return (f"{hardware.name} was measured on {recorded} ({amx[recorded_amx]}), this machine is {here} "
+            f"({amx[here_amx]}): its times describe that machine kind; measure this one with "
+            "benchmarks/measure_hardware.py")
 
 
 def load_hardware(ref: str) -> HardwareSpec:
