@@ -235,3 +235,15 @@ def test_a_calibrated_profile_warns_when_it_prices_a_layout_it_did_not_measure(c
     assert any("an extrapolation its validation does not cover" in w for w in plan["warnings"])
     code, out, _ = _plan(capsys, *common, "--helix", "kvp=2,tpa=1")
     assert code == 0 and not any("extrapolation" in w for w in json.loads(out)["warnings"])
+
+
+def test_gpus_a_layout_leaves_idle_count_against_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """Llama-70B on 8 H200 at 1.5K: TP=2 x PP=3 (6 GPUs, 2 idle) has the highest tokens/s per busy GPU,
+    but two 4-GPU replicas of TP=2 x PP=2 serve more per GPU of the budget."""
+    code, out, _ = _plan(capsys, "--model", "llama-3.1-70b", "--hardware", "h200", "--context", "1.5K",
+                         "--top", "50", "--json")
+    plan = json.loads(out)
+    assert code == 0 and plan["best"]["gpus"] == 4 and plan["best"]["replicas"] == 2
+    six = next(p for p in plan["ranked"] if p["gpus"] == 6)
+    assert six["tokens_per_s_per_gpu"] > plan["best"]["tokens_per_s_per_gpu"]  # per busy GPU it was ahead
+    assert six["tokens_per_s_per_gpu"] * 6 / 8 < plan["best"]["tokens_per_s_per_gpu"]

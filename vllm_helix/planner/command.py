@@ -181,12 +181,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         result = search(model, hardware, work, gpus, batches, strategies)
     try:
-        best, ranked = recommend(result, ttl_budget)
+        best, ranked = recommend(result, ttl_budget, gpus)
     except PlannerError:
         if args.ttl_ms is not None:
             raise
         ttl_budget = None
-        best, ranked = recommend(result, ttl_budget)
+        best, ranked = recommend(result, ttl_budget, gpus)
         warnings.append(f"no layout meets the default {DEFAULT_TTL_MS:g} ms budget; the fastest layout is shown "
                         f"({best.ttl * 1e3:.3g} ms); pass --ttl-ms to set a budget")
     disaggregation = None
@@ -317,7 +317,8 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
     hopb = f", hopb={best.micro_batches}" if best.layout.hopb else ""
     lines += [
         f"Recommended: {best.layout.family} {best.layout.describe()}{hopb} on {best.layout.gpus} GPUs "
-        f"({plan.gpus // best.layout.gpus} replica(s) in {plan.gpus}), batch {best.batch}",
+        f"({plan.gpus // best.layout.gpus} replica(s) in {plan.gpus}"
+        + (f", {plan.gpus % best.layout.gpus} idle" if plan.gpus % best.layout.gpus else "") + f"), batch {best.batch}",
         f"  TTL {best.ttl * 1e3:.3f} ms = {best.tokens_per_s_per_user:.1f} tokens/s/user; "
         f"{best.tokens_per_s_per_gpu:.2f} tokens/s/GPU; "
         f"{energy_of(best, plan.hardware).tokens_per_joule:.4f} tokens/J at TDP",

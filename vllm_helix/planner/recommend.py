@@ -159,13 +159,24 @@ def _servable(points: list[PlanPoint], result: SearchResult) -> list[PlanPoint]:
             if not (p.layout.family == HELIX_NO_OVERLAP and replace(p.layout, hopb=True) in with_overlap)]
 
 
-def recommend(result: SearchResult, ttl_budget: float | None = None) -> tuple[PlanPoint, list[PlanPoint]]:
+def busy_fraction(point: PlanPoint, gpus: int) -> float:
+    """The share of a ``gpus``-GPU budget that whole replicas of ``point``'s layout keep busy."""
+    size = point.layout.gpus
+    return (gpus // size) * size / gpus if gpus >= size else 1.0
+
+
+def recommend(result: SearchResult, ttl_budget: float | None = None,
+              gpus: int | None = None) -> tuple[PlanPoint, list[PlanPoint]]:
     """The recommended point and the ranked servable per-layout points it was chosen from.
 
-    Raises :class:`PlannerError` naming the fastest achievable TTL when no layout
-    meets the budget.
+    With a TTL budget and a GPU budget ``gpus``, points rank by tokens/s per budget GPU:
+    a layout whose replicas leave GPUs idle (6 GPUs of 8) counts them (two 4-GPU
+    replicas can beat it). Raises :class:`PlannerError` naming the fastest achievable
+    TTL when no layout meets the budget.
     """
     candidates = _servable(best_points(result, ttl_budget), result)
+    if gpus is not None and ttl_budget is not None:
+        candidates.sort(key=lambda p: (-p.tokens_per_s_per_gpu * busy_fraction(p, gpus), p.ttl))
     if not candidates:
         fastest = _servable(best_points(result), result)[0]
         raise PlannerError(
