@@ -207,3 +207,17 @@ def test_a_cpu_profile_measured_on_another_machine_kind_is_named_in_one_warning(
     monkeypatch.setattr(hardware_spec, "cpu_model", lambda: "Intel(R) Xeon(R) Processor")
     monkeypatch.setattr(hardware_spec, "cpu_flags_have_amx", lambda: True)
     assert hardware_spec.machine_warning(xeon) is None and "AMD EPYC" in hardware_spec.machine_warning(epyc)
+
+
+def test_the_position_limit_applies_rope_scaling_as_vllm_does() -> None:
+    from vllm_helix.planner.model_spec import position_limit
+
+    base = {"model_type": "llama", "max_position_embeddings": 32768}
+    assert position_limit(base) == 32768
+    assert position_limit({**base, "rope_scaling": {"type": "linear", "factor": 4.0}}) == 131072
+    assert position_limit({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2}}) == 65536
+    # YaRN, llama3 and longrope configs already state the scaled length: vLLM 0.32 does not multiply again
+    for kind in ("yarn", "llama3", "longrope"):
+        assert position_limit({**base, "rope_scaling": {"rope_type": kind, "factor": 4.0}}) == 32768
+    assert position_limit({**base, "model_type": "gemma3", "rope_scaling": {"type": "linear", "factor": 8}}) == 32768
+    assert position_limit({"model_type": "llama"}) == 0

@@ -315,8 +315,27 @@ def spec_from_hf_config(config: Mapping[str, Any], name: str, source: str = "") 
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         dtype=_config_dtype(config),
         source=source,
-        max_position_embeddings=int(config.get("max_position_embeddings") or 0),
+        max_position_embeddings=position_limit(config),
     )
+
+
+# rope types whose config already states the scaled length (vLLM 0.32 config/model.py _get_and_verify_max_len)
+_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def position_limit(config: Mapping[str, Any]) -> int:
+    """The longest context vLLM derives from a config: ``max_position_embeddings`` times the rope scaling
+    factor, where vLLM 0.32 applies one (``linear``, ``dynamic``; not the YaRN/llama3/longrope family,
+    whose configs state the scaled length, nor Gemma 3)."""
+    limit = int(config.get("max_position_embeddings") or 0)
+    rope = config.get("rope_scaling") or config.get("rope_parameters")
+    if not limit or not isinstance(rope, Mapping) or "gemma3" in str(config.get("model_type", "")):
+        return limit
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    factor = rope.get("factor")
+    if kind in _PRESCALED_ROPE or kind == "default" or not isinstance(factor, (int, float)) or factor <= 0:
+        return limit
+    return int(limit * factor)
 
 
 def preset_names() -> list[str]:
