@@ -27,7 +27,7 @@ from vllm_helix.planner.command import add_arguments, make_plan, plan_text
 DOC = Path(__file__).resolve().parents[2] / "docs" / "planner.md"
 BLOCK = re.compile(r"(<!-- plan-example: (?P<args>.*?) -->\n```text\n)(?P<output>.*?)(```\n<!-- /plan-example -->)",
                    re.DOTALL)
-SECONDS = re.compile(r"points in \d+\.\d+ s")
+SECONDS = re.compile(r"points in \d+\.\d+ s( \(\d+\.\d+ s with the latency re-pricing below\))?")
 
 
 def plan_output(arguments: str) -> str:
@@ -35,7 +35,9 @@ def plan_output(arguments: str) -> str:
     parser = argparse.ArgumentParser(prog="vllm-helix plan")
     add_arguments(parser)
     args = parser.parse_args(shlex.split(arguments))
-    return SECONDS.sub("points in t s", "\n".join(plan_text(make_plan(args), args)) + "\n")
+    text = "\n".join(plan_text(make_plan(args), args)) + "\n"
+    return SECONDS.sub(lambda m: "points in t s" + (" (t s with the latency re-pricing below)" if m.group(1) else ""),
+                       text)
 
 
 def regenerate(document: str) -> str:

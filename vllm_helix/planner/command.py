@@ -115,9 +115,10 @@ class Plan:
     ranked: list["PlanPoint"]
     per_family: dict[str, "PlanPoint"]
     disaggregation: "DisaggregationPlan | None"
-    seconds: float
+    seconds: float  # the search itself
     warnings: tuple[str, ...] = ()
     sensitivity: tuple["LatencyPoint", ...] = ()  # empty for --helix (no baseline priced)
+    total_seconds: float = 0.0  # the whole plan, the latency re-pricing included
 
     @property
     def model_ref(self) -> str:
@@ -207,7 +208,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             result, lambda hw: search(model, hw, work, gpus, batches, strategies), ttl_budget))
     return Plan(model, hardware, gpus, ttl_budget, result, best, ranked,
                 best_per_family(best_points(result, ttl_budget)), disaggregation, seconds, tuple(warnings),
-                sensitivity)
+                sensitivity, time.perf_counter() - started)
 
 
 def _ttl_budget(text: str | None) -> float | None:
@@ -249,7 +250,8 @@ def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         "model": plan.model.name, "hardware": plan.hardware.name, "context": work.context, "gpus": plan.gpus,
         "precision": work.precision.__dict__,
         "ttl_budget_ms": None if plan.ttl_budget is None else plan.ttl_budget * 1e3,
-        "points_priced": plan.result.num_points, "seconds": plan.seconds, "warnings": list(plan.warnings),
+        "points_priced": plan.result.num_points, "seconds": plan.seconds, "total_seconds": plan.total_seconds,
+        "warnings": list(plan.warnings),
         "best": {**plan.best.as_dict(ref), "tokens_per_joule": energy_of(plan.best, plan.hardware).tokens_per_joule,
                  "replicas": plan.gpus // plan.best.layout.gpus},
         "best_per_strategy": {family: p.as_dict(ref) for family, p in plan.per_family.items()},
@@ -305,7 +307,8 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
         + "; "
         f"TTL budget " + (f"{budget * 1e3:g} ms" if budget else "none (fastest layout)"),
         f"  priced {len(plan.result.costs)} layouts x {len(plan.result.batches)} batch sizes = "
-        f"{plan.result.num_points:,} points in {plan.seconds:.2f} s",
+        f"{plan.result.num_points:,} points in {plan.seconds:.2f} s"
+        + (f" ({plan.total_seconds:.2f} s with the latency re-pricing below)" if plan.sensitivity else ""),
         *(f"  warning: {warning}" for warning in plan.warnings),
         "",
     ]
