@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from vllm_helix.planner.cost import Workload, max_sequences
+from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, Workload, max_sequences
 from vllm_helix.planner.disagg import TrafficMix, plan_disaggregation
 from vllm_helix.planner.energy import energy_of
-from vllm_helix.planner.hardware_spec import HardwareSpec, Link, load_hardware
+from vllm_helix.planner.hardware_spec import DEFAULT_RUNTIME_RESERVE_GB, HardwareSpec, Link, load_hardware
 from vllm_helix.planner.layouts import BASELINES, HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout
 from vllm_helix.planner.model_spec import load_model
 from vllm_helix.planner.pareto import (best_ttl_per_batch, compare, largest_interactivity_loss,
@@ -223,8 +223,9 @@ def _assumptions(report: dict[str, Any]) -> list[str]:
         "projections (the paper's \"no query all-gather\").",
         "- **MoE** routing is uniform: a rank reads the ceiling of its expected number of touched experts "
         "(whole experts, at most the ones it owns); expert FLOPs are balanced over the EP groups.",
-        "- **Capacity**: weights (all experts a rank owns) + KV must fit in the full HBM; no activation "
-        "workspace is reserved.",
+        "- **Capacity** as `vllm-helix plan` counts it: weights (all experts a rank owns), KV cache, the "
+        f"activation workspace and a {DEFAULT_RUNTIME_RESERVE_GB:g} GB runtime reserve must fit in vLLM's share "
+        f"of HBM (`--gpu-memory-utilization` {DEFAULT_MEMORY_UTILIZATION:g}).",
         "- **Baselines**: TP (vLLM's TP attention with TP or EP experts; KV heads replicated beyond their "
         "count), TP x PP (PP micro-batches in flight, TTL = PP x slowest stage), DP attention + EP (each rank "
         "owns whole sequences and replicates attention, dense layers and the shared expert; tokens go to "
@@ -232,7 +233,10 @@ def _assumptions(report: dict[str, Any]) -> list[str]:
         "TP group that runs `o_proj` and the FFN, hidden state broadcast back; all communication exposed).",
         "- **Helix**: KVP x TPA attention, all-to-all over KVP, `o_proj` and FFN over all N GPUs (TPF x EP "
         "grids for MoE), all-reduces after `o_proj` and after the FFN; HOP-B micro-batch counts are powers of "
-        "two up to the batch, chosen per point. Helix layouts are exactly those `vllm-helix serve` accepts.",
+        "two up to the batch, chosen per point. Helix layouts are the paper's space (every layout "
+        "`HelixConfig.validate` accepts for the model, HOP-B included); `vllm-helix serve` on CUDA accepts a "
+        "narrower set (no HOP-B, `tpa` = KV heads when `kvp > 1`: `vllm_helix/serving_rules.py`), which is "
+        "what `vllm-helix plan` recommends.",
         "",
     ]
 
