@@ -15,7 +15,8 @@ from vllm_helix.planner.command import parse_tokens
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.layouts import Layout
 
-HELIX_COMMAND = re.compile(r"^vllm-helix serve \S+ --helix kvp=\d+,tpa=\d+,tpf=\d+,ep=\d+,hopb=\d+$")
+HELIX_COMMAND = re.compile(r"^(VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 )?vllm-helix serve \S+ "
+                           r"--helix kvp=\d+,tpa=\d+,tpf=\d+,ep=\d+,hopb=\d+ --max-model-len \d+( --\S+ \S+)*$")
 
 
 def _plan(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -56,7 +57,9 @@ def test_paper_setting_recommends_helix(capsys: pytest.CaptureFixture[str]) -> N
     # GB200 is CUDA: HOP-B runs only in the plugin's CPU backends, so the recommendation is Helix without it
     assert best["family"] in ("Helix", "Helix (no HOP-B)") and best["ttl_ms"] <= 5
     assert HELIX_COMMAND.match(best["command"]) and "deepseek-ai/DeepSeek-R1" in best["command"]
-    assert best["command"].endswith("hopb=1")
+    assert "hopb=1 " in best["command"] and best["command"].endswith("--max-model-len 1048576")
+    # 1M is past DeepSeek-R1's 163,840 positions: vLLM starts it only when told to (the warning says at what risk)
+    assert best["command"].startswith("VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 vllm-helix serve ")
     assert plan["points_priced"] > 10_000
     assert abs(sum(best["breakdown_ms"].values()) - best["ttl_ms"]) < 1e-9
     assert {"Helix", "TP", "DP attn + EP"} <= set(plan["best_per_strategy"])

@@ -38,6 +38,7 @@ class PlanPoint:
     micro_batches: int
     terms: dict[str, float]
     serve_flags: tuple[str, ...] = ()  # vLLM options this point needs beyond their defaults
+    serve_env: tuple[str, ...] = ()  # environment the command needs (a context past the model's position limit)
 
     @property
     def tokens_per_s_per_user(self) -> float:
@@ -45,7 +46,7 @@ class PlanPoint:
 
     def command(self, model_ref: str) -> str | None:
         command = self.layout.serve_command(model_ref, self.micro_batches)
-        return None if command is None else " ".join([command, *self.serve_flags])
+        return None if command is None else " ".join([*self.serve_env, command, *self.serve_flags])
 
     def as_dict(self, model_ref: str) -> dict[str, Any]:
         layout = self.layout
@@ -67,9 +68,10 @@ class PlanPoint:
 
 
 def serve_flags(result: SearchResult, layout: Layout, batch: int) -> tuple[str, ...]:
-    """The vLLM options a point needs beyond vLLM's defaults: the memory fraction the plan
-    assumed, and scheduler limits raised to the batch (vLLM runs at most ``max_num_seqs``)."""
-    flags = []
+    """The vLLM options a point needs beyond vLLM's defaults: the context it was priced for
+    (``--max-model-len``), the memory fraction the plan assumed, and scheduler limits raised to
+    the batch (vLLM runs at most ``max_num_seqs``)."""
+    flags = [f"--max-model-len {result.workload.context}"]
     utilization = result.workload.memory_utilization
     if utilization != DEFAULT_MEMORY_UTILIZATION:
         flags.append(f"--gpu-memory-utilization {utilization:g}")
@@ -80,6 +82,13 @@ def serve_flags(result: SearchResult, layout: Layout, batch: int) -> tuple[str, 
     if tokens > default_tokens:
         flags.append(f"--max-num-batched-tokens {tokens}")
     return tuple(flags)
+
+
+def serve_env(result: SearchResult) -> tuple[str, ...]:
+    """vLLM refuses a ``--max-model-len`` past the model's position limit unless told to (the plan's
+    context warning says at what risk): the planned command says so."""
+    limit = result.model.max_position_embeddings
+    return ("VLLM_ALLOW_LONG_MAX_MODEL_LEN=1",) if limit and result.workload.context > limit else ()
 
 
 def point_at(result: SearchResult, row: int, col: int) -> PlanPoint:
@@ -94,6 +103,7 @@ def point_at(result: SearchResult, row: int, col: int) -> PlanPoint:
         micro_batches=int(cost.micro_batches[col]),
         terms={name: float(values[col]) for name, values in cost.terms.items()},
         serve_flags=serve_flags(result, cost.layout, int(result.batches[col])),
+        serve_env=serve_env(result),
     )
 
 
