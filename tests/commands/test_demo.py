@@ -24,4 +24,4 @@ def test_demo_serves_the_twin_with_helix_and_agrees_with_helix_off(tmp_path: Pat
 
 def test_demo_refuses_a_bad_layout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--helix", "kvp=2,tpa=x"]) == 2
-    assert "tpa='x' must be an integer" in capsys.readouterr().out
+    assert "tpa='x' must be a positive integer in plain decimal digits" in capsys.readouterr().out
