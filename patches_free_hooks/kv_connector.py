@@ -433,6 +433,8 @@ class HelixConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
+        if not meta.loads:
+            return  # called every step: nothing to walk when nothing loads
         layers = [(name, layer.kv_cache) for name, layer in forward_context.no_compile_layers.items()
                   if isinstance(getattr(layer, "kv_cache", None), torch.Tensor)]
         for transfer in meta.loads:
