@@ -36,7 +36,9 @@ class HelixRuntime:
         return self.config.kvp > 1
 
 
-_CACHE: dict[int, HelixRuntime | None] = {}
+# id(vllm_config) -> (the config itself, its runtime). Holding the config keeps its id from being reused by
+# another engine's config in the same process (an id alone can name a dead object's successor).
+_CACHE: dict[int, tuple[Any, HelixRuntime | None]] = {}
 _logger = logging.getLogger("vllm.helix")
 _logged: set[str] = set()
 
@@ -60,8 +62,8 @@ def helix_runtime(vllm_config: Any | None = None) -> HelixRuntime | None:
     if vllm_config is None:
         vllm_config = internal("vllm.config:get_current_vllm_config")()
     key = id(vllm_config)
-    if key in _CACHE:
-        return _CACHE[key]
+    if key in _CACHE and _CACHE[key][0] is vllm_config:
+        return _CACHE[key][1]
     helix = from_additional_config(vllm_config.additional_config)
     runtime = None
     if helix is not None:
@@ -86,5 +88,5 @@ def helix_runtime(vllm_config: Any | None = None) -> HelixRuntime | None:
             rank = group.rank_in_group
             exchange = KVPExchange(group.device_group, helix.kvp, enable_shared_memory_all_gather(group))
         runtime = HelixRuntime(helix, KVStriping(helix.kvp, stripe, block_size), rank, exchange)
-    _CACHE[key] = runtime
+    _CACHE[key] = (vllm_config, runtime)
     return runtime
