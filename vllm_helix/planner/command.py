@@ -240,6 +240,16 @@ def _helix_layout(spec: str, model: "ModelSpec", hardware: Any) -> Any:
 
 
 # ------------------------------------------------------------------- output
+def _serve_lines(point: "PlanPoint", model_ref: str) -> list[str]:
+    """The ``serve:`` line, or one line per node role where the layout spans hosts."""
+    commands = point.node_commands(model_ref)
+    if len(commands) <= 1:
+        return [f"  serve: {point.command(model_ref)}"]
+    return [f"  serve on {point.nodes} nodes of {point.layout.gpus // point.nodes} GPUs (MASTER_ADDR: node 0's "
+            "address, reachable from every node" + ("; R: the node's rank):" if point.nodes > 2 else "):"),
+            *(f"    {which}: {command}" for which, command in commands)]
+
+
 def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     from vllm_helix.planner.disagg import split_commands
     from vllm_helix.planner.energy import energy_of
@@ -329,7 +339,7 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
         f"  memory per GPU: {best.memory_per_gpu / 1e9:.1f} of the {memory_budget(plan.hardware, work) / 1e9:.1f} GB "
         f"vLLM may use ({work.memory_utilization:g} of {plan.hardware.memory_capacity / 1e9:.0f} GB; weights, KV, "
         f"activation workspace and a {plan.hardware.runtime_reserve / 1e9:g} GB runtime reserve)",
-        f"  serve: {best.command(plan.model_ref)}",
+        *_serve_lines(best, plan.model_ref),
     ]
     if plan.sensitivity:
         lines += ["", *sensitivity_text(list(plan.sensitivity), plan.hardware.scale_up.latency)]

@@ -61,6 +61,14 @@ class HardwareSpec:
     platform: Platform = Platform("cuda")
     # The machine a CPU profile was measured on ({"cpu": name, "amx": bool, "cores": n}); None for GPUs.
     machine: Mapping[str, Any] | None = None
+    # Accelerators per host (an HGX board: 8; a GB200 NVL72 compute tray: 4); 0: the whole scale-up domain.
+    # A layout on more GPUs than this spans hosts, and its command is one per node (vLLM's multi-node flags).
+    gpus_per_node: int = 0
+
+    @property
+    def node_gpus(self) -> int:
+        """GPUs one host holds (the domain where the profile names no node size)."""
+        return self.gpus_per_node or self.gpus_per_domain
 
     def flop_rate(self, dtype: str) -> float:
         """Dense tensor-core FLOP/s for ``dtype``; raises if the chip has no such rate."""
@@ -161,7 +169,7 @@ PROFILE_KEYS: dict[str, tuple[str, ...]] = {
     "power": ("tdp_w",),
     "machine": ("cpu", "amx", "cores"),  # CPU profiles: the machine they were measured on
 }
-_TOP_LEVEL_KEYS = ("name", "description", "measured", "platform", *PROFILE_KEYS, "calibration")
+_TOP_LEVEL_KEYS = ("name", "description", "measured", "platform", "gpus_per_node", *PROFILE_KEYS, "calibration")
 
 
 def _check_keys(data: Mapping[str, Any], where: str) -> None:
@@ -204,6 +212,7 @@ def hardware_from_dict(data: Mapping[str, Any], name: str) -> HardwareSpec:
         calibration=Calibration.from_yaml(data["calibration"], where) if "calibration" in data else None,
         platform=_platform(data, where),
         machine=dict(data["machine"]) if isinstance(data.get("machine"), Mapping) else None,
+        gpus_per_node=int(_number(data, "gpus_per_node", where)) if "gpus_per_node" in data else 0,
     )
 
 

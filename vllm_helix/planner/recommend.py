@@ -26,6 +26,9 @@ from vllm_helix.planner.search import SearchResult
 from vllm_helix.serving_rules import check_layout
 
 
+MASTER_PORT = 29501  # vLLM's default --master-port, printed so every node's command names the same one
+
+
 @dataclass(frozen=True)
 class PlanPoint:
     """One layout at one batch size, with its breakdown (seconds, bytes)."""
@@ -39,6 +42,7 @@ class PlanPoint:
     terms: dict[str, float]
     serve_flags: tuple[str, ...] = ()  # vLLM options this point needs beyond their defaults
     serve_env: tuple[str, ...] = ()  # environment the command needs (a context past the model's position limit)
+    gpus_per_node: int = 0  # the hardware's GPUs per host (0: one host holds any layout)
 
     @property
     def tokens_per_s_per_user(self) -> float:
@@ -47,6 +51,29 @@ class PlanPoint:
     def command(self, model_ref: str) -> str | None:
         command = self.layout.serve_command(model_ref, self.micro_batches)
         return None if command is None else " ".join([*self.serve_env, command, *self.serve_flags])
+
+    @property
+    def nodes(self) -> int:
+        """Hosts one instance spans: the fewest that hold it and divide its GPUs evenly (vLLM's rule)."""
+        if not self.gpus_per_node or self.layout.gpus <= self.gpus_per_node:
+            return 1
+        nodes = -(-self.layout.gpus // self.gpus_per_node)
+        while self.layout.gpus % nodes:
+            nodes += 1
+        return nodes
+
+    def node_commands(self, model_ref: str) -> list[tuple[str, str]]:
+        """``(which nodes, command)``: one entry on one host; across hosts vLLM's multi-node
+        multiprocessing flags, node 0 serving the API and every other node ``--headless``, with
+        ``MASTER_ADDR`` (node 0's address) and ``R`` (the node's rank) for the user to fill in."""
+        command = self.command(model_ref)
+        if command is None:
+            return []
+        if self.nodes == 1:
+            return [("", command)]
+        common = f"{command} --nnodes {self.nodes} --master-addr MASTER_ADDR --master-port {MASTER_PORT}"
+        others = ("node 1", "1") if self.nodes == 2 else (f"node R = 1..{self.nodes - 1}", "R")
+        return [("node 0", f"{common} --node-rank 0"), (others[0], f"{common} --node-rank {others[1]} --headless")]
 
     def as_dict(self, model_ref: str) -> dict[str, Any]:
         layout = self.layout
@@ -64,6 +91,8 @@ class PlanPoint:
             "memory_per_gpu_gb": self.memory_per_gpu / 1e9,
             "breakdown_ms": {name: value * 1e3 for name, value in self.terms.items()},
             "command": self.command(model_ref),
+            "nodes": self.nodes,
+            "node_commands": {which: command for which, command in self.node_commands(model_ref) if which},
         }
 
 
@@ -104,6 +133,7 @@ def point_at(result: SearchResult, row: int, col: int) -> PlanPoint:
         terms={name: float(values[col]) for name, values in cost.terms.items()},
         serve_flags=serve_flags(result, cost.layout, int(result.batches[col])),
         serve_env=serve_env(result),
+        gpus_per_node=result.hardware.node_gpus,
     )
 
 
