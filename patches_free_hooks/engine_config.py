@@ -243,10 +243,15 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
         )
 
 
-def _connector_name(transfer: Any) -> str | None:
+def _transfer_field(transfer: Any, name: str) -> Any:
+    """A field of ``--kv-transfer-config``, whether vLLM holds it as a dict or a ``KVTransferConfig``."""
     if transfer is None:
         return None
-    return transfer.get("kv_connector") if isinstance(transfer, dict) else getattr(transfer, "kv_connector", None)
+    return transfer.get(name) if isinstance(transfer, dict) else getattr(transfer, name, None)
+
+
+def _connector_name(transfer: Any) -> str | None:
+    return _transfer_field(transfer, "kv_connector")
 
 
 def check_kv_transfer(helix: HelixConfig, shape: ModelShape, args: Any, block_size: int) -> None:
@@ -281,12 +286,10 @@ def check_helix_connector(args: Any) -> None:
     """Refuse a ``HelixConnector`` whose options or store directory are unusable, on every engine that
     names it (a plain producer too), before anything starts: one line naming the option and the fix."""
     transfer = args.kv_transfer_config
-    module = (transfer.get("kv_connector_module_path") if isinstance(transfer, dict)
-              else getattr(transfer, "kv_connector_module_path", None))
-    if _connector_name(transfer) != CONNECTOR_NAME and module != "patches_free_hooks.kv_connector":
+    if (_connector_name(transfer) != CONNECTOR_NAME
+            and _transfer_field(transfer, "kv_connector_module_path") != "patches_free_hooks.kv_connector"):
         return
-    extra = (transfer.get("kv_connector_extra_config") if isinstance(transfer, dict)
-             else getattr(transfer, "kv_connector_extra_config", None))
+    extra = _transfer_field(transfer, "kv_connector_extra_config")
     if extra is not None and not isinstance(extra, dict):
         raise HelixStartupError(f"--kv-transfer-config kv_connector_extra_config must be a JSON object, got {extra!r}")
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vllm_helix.config import HelixConfigError
 from vllm_helix.serving_rules import Platform
@@ -26,15 +27,22 @@ from patches_free_hooks import engine_config
 from patches_free_hooks.compat import HelixStartupError, internal
 
 
-def check(argv: Sequence[str], target: Platform | None) -> str:
-    """Run the start-up checks of ``vllm <argv>`` (``argv[0] == "serve"``); the one-line verdict, or raise."""
-    parser_cls = internal("vllm.utils.argparse_utils:FlexibleArgumentParser")
-    parser = parser_cls(prog="vllm")
+def serve_engine_args(argv: Sequence[str]) -> Any:
+    """``EngineArgs`` of ``vllm <argv>`` (``argv[0] == "serve"``), through vLLM's own serve parser; its
+    ``headless`` flag (a serve option, not an engine one) is kept on it."""
+    parser = internal("vllm.utils.argparse_utils:FlexibleArgumentParser")(prog="vllm")
     internal("vllm.entrypoints.cli.serve:ServeSubcommand")().subparser_init(parser.add_subparsers(dest="command"))
     args = parser.parse_args(list(argv))
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
     engine_args = internal("vllm.engine.arg_utils:EngineArgs.from_cli_args")(args)
+    engine_args.headless = args.headless
+    return engine_args
+
+
+def check(argv: Sequence[str], target: Platform | None) -> str:
+    """Run the start-up checks of ``vllm <argv>`` (``argv[0] == "serve"``); the one-line verdict, or raise."""
+    engine_args = serve_engine_args(argv)
     where = target.describe() if target is not None else "this machine"
     with engine_config.checking_for(target):
         engine_config.check_helix_connector(engine_args)

