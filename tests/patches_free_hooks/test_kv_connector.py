@@ -11,10 +11,11 @@ block size) and Helix -> plain, with prompt lengths that are and are not multipl
 ``block_size * kvp``. The consumer's log must show the load of all but the last
 prompt token (a decode that silently recomputed the prompt would also match).
 
-Faults (issue 26), on real engines: a copy of the store with torn, corrupted, missing,
-misshapen and foreign-dtype parts and a producer killed mid-write costs only the
-requests that touch them: under ``kv_load_failure_policy="recompute"`` every request
-still equals one engine, under ``"fail"`` those requests alone fail; a full disk on
+Faults (issue 26), on the same engines: entries of further prompts damaged in the store
+(torn, corrupted, missing, misshapen and foreign-dtype parts, a producer killed
+mid-write) cost only the requests that touch them: under
+``kv_load_failure_policy="recompute"`` every request still equals one engine, under
+``"fail"`` those requests alone fail; a full disk on
 the producer drops its entries and answers every request; and with prefix caching on,
 a load after a local prefix hit leaves the shared blocks alone (a poisoned prefix in
 the store reaches no request).
@@ -132,48 +133,52 @@ def _poison_prefix(store: KVFileStore, key: str, upto: int) -> None:
 @pytest.fixture(scope="module")
 def runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]],
          tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """One engine per role and twin; each consumer plays a split case and a fault case at once.
+
+    The producers store every prompt; then the fault prompts' entries are damaged in place
+    (one way each) and, for the Llama twin, the prefix trio is set up. The stripe-16
+    consumer (``recompute``) loads the intact prompts and meets every fault; the Llama
+    twin's block-stripe consumer does the same under ``fail``.
+    """
     out: dict[str, dict[str, Any]] = {}
-    helix16 = {"additional_config": {"helix": {"kvp": 2, "tpa": 1, "stripe": 16}}}
     for name, (block, lengths) in TWINS.items():
         extra = EXACT_ROPE if name == "deepseek" else {}
         prompts, faults = _prompts(lengths), _prompts((300, 310, 320, 330, 340, 350), seed=11)
         trio = _trio() if name == "llama1" else []
         out[f"{name}/prompts"] = {"base": prompts, "faults": faults, "trio": trio}
         out[f"{name}/single"] = generate(twins[name], prompts + faults + trio, MAX_TOKENS, **extra)
-        store = tmp_path_factory.mktemp(f"{name}-plain")
+        path = tmp_path_factory.mktemp(f"{name}-plain") / "kv"
         producers = 2 if name == "llama1" else 1  # two producers of the same prompts race into one store
         with ThreadPoolExecutor(producers) as pool:
             list(pool.map(lambda _: generate(twins[name], prompts + faults + trio, 1, **extra,
-                                             **_transfer("kv_producer", store)), range(producers)))
-        for stripe in sorted({16, block}):
-            out[f"{name}/plain->helix stripe {stripe}"] = generate(
-                twins[name], prompts + faults, MAX_TOKENS, **extra, **_transfer("kv_consumer", store),
-                additional_config={"helix": {"kvp": 2, "tpa": 1, "stripe": stripe}})
-        damaged = tmp_path_factory.mktemp(f"{name}-damaged") / "kv"
-        shutil.copytree(store, damaged)
-        damaged_store = KVFileStore(damaged)
+                                             **_transfer("kv_producer", path)), range(producers)))
+        store = KVFileStore(path)
         for how, prompt in zip(FAULTS, faults):
-            _damage(damaged_store, _store_key(twins[name], prompt), how)
+            _damage(store, _store_key(twins[name], prompt), how)
         rounds = {}
         if trio:  # A computed locally first; B then hits A's prefix and loads the rest; C reuses the prefix
-            _poison_prefix(damaged_store, _store_key(twins[name], trio[1]), PREFIX)
+            _poison_prefix(store, _store_key(twins[name], trio[1]), PREFIX)
             for prompt in (trio[0], trio[2]):
-                shutil.rmtree(damaged_store.entry(_store_key(twins[name], prompt)))
+                shutil.rmtree(store.entry(_store_key(twins[name], prompt)))
             rounds = {"rounds": [[trio[1]], [trio[2]]]}
-        out[f"{name}/damaged"] = generate(twins[name], prompts + faults + trio[:1], MAX_TOKENS, **extra, **helix16,
-                                          **_transfer("kv_consumer", damaged, policy="recompute"), **rounds)
+        out[f"{name}/plain->helix stripe 16"] = generate(
+            twins[name], prompts + faults + trio[:1], MAX_TOKENS, **extra, **HELIX16,
+            **_transfer("kv_consumer", path, policy="recompute"), **rounds)
         if name == "llama1":
-            out[f"{name}/damaged, fail"] = generate(twins[name], prompts + faults, MAX_TOKENS, **helix16,
-                                                    **_transfer("kv_consumer", damaged, policy="fail"))
-    store = tmp_path_factory.mktemp("llama1-helix")
+            out[f"{name}/plain->helix stripe {block}"] = generate(
+                twins[name], prompts + faults, MAX_TOKENS, **_transfer("kv_consumer", path, policy="fail"),
+                additional_config={"helix": {"kvp": 2, "tpa": 1, "stripe": block}})
+    path = tmp_path_factory.mktemp("llama1-helix") / "kv"
     prompts = _prompts(TWINS["llama1"][1])
-    generate(twins["llama1"], prompts, 1, **helix16, **_transfer("kv_producer", store))
-    out["llama1/helix->plain"] = generate(twins["llama1"], prompts, MAX_TOKENS, **_transfer("kv_consumer", store))
+    generate(twins["llama1"], prompts, 1, **HELIX16, **_transfer("kv_producer", path))
+    out["llama1/helix->plain"] = generate(twins["llama1"], prompts, MAX_TOKENS, **_transfer("kv_consumer", path))
     return out
 
 
+HELIX16 = {"additional_config": {"helix": {"kvp": 2, "tpa": 1, "stripe": 16}}}
 CASES = [("llama1", "plain->helix stripe 16"), ("llama1", "plain->helix stripe 128"),
          ("deepseek", "plain->helix stripe 16"), ("llama1", "helix->plain")]
+RECOMPUTE, FAIL = "plain->helix stripe 16", "plain->helix stripe 128"  # the fault policies' runs
 
 
 def _assert_equal(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
@@ -185,10 +190,10 @@ def _assert_equal(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("twin", "case"), CASES)
 def test_a_split_decode_equals_one_engine(runs: dict[str, dict[str, Any]], twin: str, case: str) -> None:
     single, split = runs[f"{twin}/single"], runs[f"{twin}/{case}"]
-    prompts = runs[f"{twin}/prompts"]
-    loaded = prompts["base"] + (prompts["faults"] if case.startswith("plain") else [])
-    assert sorted(_loaded(split["log"])) == sorted(len(p) - 1 for p in loaded), split["log"][-3000:]
-    for ours, theirs in zip(split["results"], single["results"]):
+    base = runs[f"{twin}/prompts"]["base"]
+    wanted = sorted(len(p) - 1 for p in base)  # each intact prompt loaded whole but its last token, once
+    assert sorted(n for n in _loaded(split["log"]) if n in wanted) == wanted, split["log"][-3000:]
+    for ours, theirs in zip(split["results"][:len(base)], single["results"]):
         _assert_equal(ours, theirs)
 
 
@@ -196,7 +201,7 @@ def test_a_split_decode_equals_one_engine(runs: dict[str, dict[str, Any]], twin:
 @pytest.mark.parametrize("twin", list(TWINS))
 def test_a_damaged_store_costs_only_a_recompute_of_the_requests_it_touches(runs: dict[str, dict[str, Any]],
                                                                          twins: dict[str, Path], twin: str) -> None:
-    single, damaged, prompts = runs[f"{twin}/single"], runs[f"{twin}/damaged"], runs[f"{twin}/prompts"]
+    single, damaged, prompts = runs[f"{twin}/single"], runs[f"{twin}/{RECOMPUTE}"], runs[f"{twin}/prompts"]
     log = damaged["log"]
     assert len(damaged["results"]) == len(single["results"])  # the engine served every request
     for ours, theirs in zip(damaged["results"], single["results"]):
@@ -216,7 +221,7 @@ def test_a_damaged_store_costs_only_a_recompute_of_the_requests_it_touches(runs:
 
 @pytest.mark.slow
 def test_under_the_fail_policy_only_the_damaged_requests_fail(runs: dict[str, dict[str, Any]]) -> None:
-    single, failed, prompts = runs["llama1/single"], runs["llama1/damaged, fail"], runs["llama1/prompts"]
+    single, failed, prompts = runs["llama1/single"], runs[f"llama1/{FAIL}"], runs["llama1/prompts"]
     kinds = ["intact"] * len(prompts["base"]) + list(FAULTS)
     assert len(failed["results"]) == len(kinds)
     for kind, ours, theirs in zip(kinds, failed["results"], single["results"]):
