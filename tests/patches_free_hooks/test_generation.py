@@ -67,20 +67,20 @@ def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], mo
     prompts = _prompts(module_seed, (1, 3, 31, 33, 130, 300, 64, 2))
     common = dict(block_size=32, max_num_seqs=16)
     return {
+        # small stripes (8 tokens of a 64-token Helix block) and HOP-B, then the same prompts again: prefix hits
         "helix": generate(twins["llama1"], prompts, MAX_TOKENS, repeat=True, enable_prefix_caching=True,
-                          additional_config={"helix": {"kvp": 2, "tpa": 1}}, **common),
-        # 6 usable blocks of 2 x 32 tokens for 8 sequences that need ~17: vLLM must preempt.
+                          additional_config={"helix": "kvp=2,tpa=1,stripe=8,hopb=3"}, **common),
+        # the default layout (stripe = block, no HOP-B); 6 usable blocks of 2 x 32 tokens for 8 sequences
+        # that need ~17: vLLM must preempt.
         "helix_preempted": generate(twins["llama1"], prompts, MAX_TOKENS, num_gpu_blocks_override=7,
                                     max_model_len=384,
                                     additional_config={"helix": {"kvp": 2, "tpa": 1}}, **common),
-        "helix_stripe_hopb": generate(twins["llama1"], prompts, MAX_TOKENS,
-                                      additional_config={"helix": "kvp=2,tpa=1,stripe=8,hopb=3"}, **common),
         "off_tp1": generate(twins["llama1"], prompts, MAX_TOKENS, **common),
         "off_tp2": generate(twins["llama1"], prompts[:1], 1, tensor_parallel_size=2, **common),
     }
 
 
-def test_gqa_helix_equals_helix_off(gqa_runs: dict[str, Any]) -> None:
+def test_gqa_helix_with_small_stripes_and_hopb_equals_helix_off(gqa_runs: dict[str, Any]) -> None:
     _assert_helix_ran(gqa_runs["helix"], "GQA", 2)
     _assert_same_generation(gqa_runs["helix"], gqa_runs["off_tp1"])
 
@@ -93,13 +93,9 @@ def test_gqa_helix_prefix_cache_hits_reproduce_the_same_generation(gqa_runs: dic
 
 def test_gqa_helix_survives_preemption_with_the_same_generation(gqa_runs: dict[str, Any]) -> None:
     preempted = gqa_runs["helix_preempted"]
+    _assert_helix_ran(preempted, "GQA", 2)
     assert preempted["preemptions"] > 0, "the tight KV cache should have forced preemptions"
     _assert_same_generation(preempted, gqa_runs["off_tp1"])
-
-
-def test_gqa_helix_with_small_stripes_and_hopb_equals_helix_off(gqa_runs: dict[str, Any]) -> None:
-    _assert_helix_ran(gqa_runs["helix_stripe_hopb"], "GQA", 2)
-    _assert_same_generation(gqa_runs["helix_stripe_hopb"], gqa_runs["off_tp1"])
 
 
 def test_gqa_helix_holds_kvp_times_the_context_of_duplicated_kv(gqa_runs: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ and vLLM's start-up facts (KV-cache capacity, maximum concurrency) can be read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 from vllm_helix.harness.machine import cpu_has_amx
@@ -76,7 +78,10 @@ def vllm_failure(log_text: str) -> str:
 
 
 class Server:
-    """``with Server(cmd, log_path) as server:`` runs ``cmd --port P`` until the block ends."""
+    """``with Server(cmd, log_path) as server:`` runs ``cmd --port P`` until the block ends.
+
+    :func:`serving` starts several at once (their vLLM imports and loads overlap).
+    """
 
     def __init__(self, command: Sequence[str], log_path: str | Path, env: dict[str, str] | None = None,
                  start_timeout_s: float = 600.0) -> None:
@@ -86,29 +91,37 @@ class Server:
         self.env = env
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
-        self.start_s = 0.0
+        self._started = 0.0
+        self.start_s = 0.0  # launch to healthy; servers launched together share the machine meanwhile
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "Server":
+        return self.launch().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def launch(self) -> "Server":
+        """Start the process and return at once (:meth:`wait_ready` waits for its health check)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
-        started = time.monotonic()
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                        env=self.env, start_new_session=True)
-        log.close()
+        with open(self.log_path, "wb") as log:
+            self._started = time.monotonic()
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env, start_new_session=True)
+        return self
+
+    def wait_ready(self) -> "Server":
+        """Wait until ``/health`` answers; stop the server and raise if it exits or times out."""
         try:
             self._wait_healthy()
         except BaseException:
             self.stop()
             raise
-        self.start_s = time.monotonic() - started
+        self.start_s = time.monotonic() - self._started
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -176,6 +189,18 @@ class Server:
         return {"ids": [int(t.split(":", 1)[1]) for t in tokens],
                 "logprobs": [float(x) for x in choice["logprobs"]["token_logprobs"]],
                 "text": choice["text"]}
+
+
+@contextlib.contextmanager
+def serving(*servers: Server) -> Iterator[tuple[Server, ...]]:
+    """Launch all servers, then wait for each; stop all when the block ends or any fails to start."""
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.callback(server.stop)
+            server.launch()
+        for server in servers:
+            server.wait_ready()
+        yield servers
 
 
 def vllm_helix_command() -> list[str]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from vllm_helix.config import HelixConfig
-from vllm_helix.harness.server import (Server, ServerError, baseline_serve_args, bench_serve, cpu_env, free_port,
+from vllm_helix.harness.server import (Server, ServerError, serving, baseline_serve_args, bench_serve, cpu_env, free_port,
                                        vllm_helix_command)
 from vllm_helix.kv_store import kv_transfer_config
 
@@ -85,15 +85,14 @@ class SplitServers:
 def served_split(model: str | Path, store: str | Path, log_dir: Path, helix: HelixConfig,
                  dtype: str = "float32", engine_args: Sequence[str] = (),
                  start_timeout_s: float = 600.0) -> Iterator[SplitServers]:
-    """Start prefill, decode and router (in that order), yield them, always stop all three."""
+    """Start prefill and decode together, then the router; yield them, always stop all three."""
     if not router_installed():
         raise ServerError("vllm-router is not installed: pip install 'vllm-helix[disagg]' (or vllm-router)")
     prefill_cmd, decode_cmd = split_commands(model, store, helix, dtype, engine_args)
     with contextlib.ExitStack() as stack:
-        prefill = stack.enter_context(Server(prefill_cmd, log_dir / "prefill.log", env=cpu_env(1),
-                                             start_timeout_s=start_timeout_s))
-        decode = stack.enter_context(Server(decode_cmd, log_dir / "decode.log", env=cpu_env(helix.world_size),
-                                            start_timeout_s=start_timeout_s))
+        prefill, decode = stack.enter_context(serving(
+            Server(prefill_cmd, log_dir / "prefill.log", env=cpu_env(1), start_timeout_s=start_timeout_s),
+            Server(decode_cmd, log_dir / "decode.log", env=cpu_env(helix.world_size), start_timeout_s=start_timeout_s)))
         router = stack.enter_context(Server(router_command(prefill.url, decode.url), log_dir / "router.log",
                                             start_timeout_s=120.0))
         yield SplitServers(prefill, decode, router)
