@@ -67,6 +67,7 @@ INTERNALS: tuple[str, ...] = (
     "vllm.distributed.parallel_state:get_dcp_world_size_and_rank",
     "vllm.distributed.device_communicators.cpu_communicator:CpuCommunicator",
     "vllm.distributed.device_communicators.cpu_communicator:_CPUSHMDistributed",
+    "vllm.distributed.device_communicators.cpu_communicator:_CPUSHMDistributed.make_group_name",
     "vllm.config:get_current_vllm_config",
     "vllm.config:get_current_vllm_config_or_none",
     "vllm.triton_utils.dispatcher:register_kernels",

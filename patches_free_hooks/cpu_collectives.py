@@ -12,11 +12,19 @@ tokens that was a third of a decode step (``benchmarks/results/decode_step_profi
 backend vLLM builds for TP (its own ``_CPUSHMDistributed``, not a copy), so vLLM's
 ``get_dcp_group().all_gather`` (the query all-gather, also MLA's own) runs over
 shared memory, and returns the float32 all-gather the Helix exchange uses.
+
+Only where every rank of the group can open the same segments: the same vLLM
+build with the shared-memory ops, the same host, and the same segment name
+(vLLM names it after ``VLLM_DIST_IDENT``, which differs between the nodes of a
+multi-node engine even on one host). A KVP group across nodes keeps gloo over TCP,
+as vLLM's own TP group does there (its ``CpuCommunicator`` makes the same name check).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,11 +46,38 @@ def enable_shared_memory_all_gather(group: Any) -> AllGather | None:
     if not isinstance(communicator, cpu_communicator):
         return None  # CUDA: NCCL is already the fast path
     if not isinstance(communicator.dist_module, shm):
-        if not hasattr(torch.ops._C, "init_shm_manager") or "VLLM_DIST_IDENT" not in os.environ:
-            return None  # a vLLM CPU build without the shared-memory ops: gloo stays
+        if not _all_ranks_share_memory(communicator, shm):
+            return None  # gloo stays
         communicator.dist_module = shm(communicator)
 
     def all_gather(output: torch.Tensor, local: torch.Tensor) -> None:
         communicator.dist_module.all_gather_into_tensor(output, local)
 
     return all_gather
+
+
+def _has_shm_ops() -> bool:
+    """vLLM's CPU build registers its shared-memory ops (its AVX2 build does not)."""
+    return hasattr(torch.ops._C, "init_shm_manager")
+
+
+def _node_identity() -> str:
+    """This host as its kernel knows it: the host name and this boot's id."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _all_ranks_share_memory(communicator: Any, shm: Any) -> bool:
+    """Whether every rank has vLLM's shared-memory ops, is on this host and names the segments alike.
+
+    Collective over the group's gloo group (one small object gather at start-up), so every
+    rank takes the same decision even where the nodes' vLLM builds differ.
+    """
+    capable = _has_shm_ops() and "VLLM_DIST_IDENT" in os.environ
+    mine = (capable, _node_identity(), shm.make_group_name(communicator) if capable else "")
+    everyone: list[Any] = [None] * communicator.world_size
+    torch.distributed.all_gather_object(everyone, mine, group=communicator.device_group)
+    return all(theirs == mine for theirs in everyone) and capable

@@ -107,18 +107,18 @@ def _platform() -> Platform:
     if _TARGET is not None:
         return _TARGET
     if _is_cpu_platform():
-        return Platform("cpu", cores=_cpu_worker_slots())
+        return Platform("cpu", cores=_cpu_worker_slots())  # this node's
     return Platform("cuda", capability=_cuda_capability())
 
 
-def _cpu_worker_slots() -> int | None:
-    """CPU workers that can start here: one per usable core, unless the user bound the
-    workers to cores (``VLLM_CPU_OMP_THREADS_BIND``), which vLLM then checks itself."""
+def _cpu_worker_slots(nodes: int = 1) -> int | None:
+    """CPU workers that can start on ``nodes`` nodes like this one: one per usable core, unless the
+    user bound the workers to cores (``VLLM_CPU_OMP_THREADS_BIND``), which vLLM then checks itself."""
     if not _is_cpu_platform() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
         return None
     if _TARGET is not None and _TARGET.cores is not None:
-        return _TARGET.cores
-    return len(os.sched_getaffinity(0))
+        return _TARGET.cores * nodes
+    return len(os.sched_getaffinity(0)) * nodes
 
 
 def _named_backend(args: Any) -> str | None:
@@ -129,10 +129,42 @@ def _named_backend(args: Any) -> str | None:
     return str(getattr(named, "name", named)).upper()
 
 
-def _runnable_world(world: int) -> bool:
-    """Whether ``world`` workers can start here (CPU: one core each; elsewhere: not known here)."""
-    slots = _cpu_worker_slots()
+def _runnable_world(world: int, nodes: int = 1) -> bool:
+    """Whether ``world`` workers can start on ``nodes`` nodes like this one (CPU: one core each;
+    elsewhere: not known here)."""
+    slots = _cpu_worker_slots(nodes)
     return slots is None or world <= slots
+
+
+def _nodes(args: Any) -> int:
+    return max(1, int(getattr(args, "nnodes", 1) or 1))
+
+
+def check_nodes(helix: HelixConfig, args: Any, headless: bool) -> int:
+    """vLLM's multi-node flags against the layout; returns the workers each node runs.
+
+    vLLM's multiprocessing executor puts ``world / nnodes`` consecutive ranks on each node
+    (node 0 serves, the others run workers only, ``--headless``). vLLM checks the same
+    arithmetic later, in a traceback; here it is one line with the fix.
+    """
+    nodes, rank, world = _nodes(args), int(getattr(args, "node_rank", 0) or 0), helix.world_size
+    if nodes == 1:
+        if rank != 0:
+            raise HelixStartupError(f"--node-rank {rank} needs --nnodes > 1 (this is a one-node engine); "
+                                    "drop --node-rank or set --nnodes")
+        return world
+    if world % nodes:
+        raise HelixStartupError(
+            f"helix {helix.to_cli()} has {world} workers, which --nnodes {nodes} cannot split evenly; "
+            f"use a layout whose kvp*tpa is a multiple of {nodes}, or --nnodes that divides {world}")
+    if not 0 <= rank < nodes:
+        raise HelixStartupError(f"--node-rank {rank} is outside 0..{nodes - 1} for --nnodes {nodes}; "
+                                "number the nodes from 0")
+    if rank > 0 and not headless:
+        raise HelixStartupError(f"--node-rank {rank} runs workers only: add --headless (node 0 serves the API)")
+    if rank == 0 and headless:
+        raise HelixStartupError("--node-rank 0 serves the API: drop --headless on node 0")
+    return world // nodes
 
 
 def resolve_attention(helix: HelixConfig, args: Any, model_config: Any) -> tuple[int, int]:
@@ -216,7 +248,8 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
     if args.tensor_parallel_size not in (1, world):
         alternative = max(1, args.tensor_parallel_size // helix.tpa)
         other = (f" or use kvp={alternative},tpa={helix.tpa}"
-                 if _runnable_world(alternative * helix.tpa) and alternative * helix.tpa != world else "")
+                 if _runnable_world(alternative * helix.tpa, _nodes(args)) and alternative * helix.tpa != world
+                 else "")
         raise HelixStartupError(
             f"kvp*tpa must equal the number of workers: kvp={helix.kvp} * tpa={helix.tpa} = "
             f"{world} but --tensor-parallel-size is {args.tensor_parallel_size}; drop "
@@ -326,17 +359,19 @@ def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | N
         )
 
 
-def check_cpu_cores(world: int) -> None:
-    """vLLM's CPU workers each need a core of their own."""
-    if world > 1 and not _runnable_world(world):
+def check_cpu_cores(world: int, nodes: int = 1) -> None:
+    """vLLM's CPU workers each need a core of their own: ``world / nodes`` of them on this node."""
+    local = world // nodes
+    if local > 1 and not _runnable_world(local):
+        where = "" if nodes == 1 else f" on each of {nodes} nodes"
         raise HelixStartupError(
-            f"{world} CPU workers need at least {world} cores but only {_cpu_worker_slots()} are "
-            f"available; use a smaller layout (kvp*tpa <= {_cpu_worker_slots()})"
+            f"{local} CPU workers{where} need at least {local} cores but only {_cpu_worker_slots()} are "
+            f"available; use a smaller layout (kvp*tpa <= {_cpu_worker_slots(nodes)})"
         )
 
 
 def _bind_one_core_range_per_worker(world: int) -> None:
-    """vLLM's CPU workers need explicit core binding with more than one worker."""
+    """vLLM's CPU workers need explicit core binding with more than one worker (``world``: this node's)."""
     if world == 1 or _TARGET is not None or not _is_cpu_platform() \
             or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
         return  # (a check for another platform binds nothing)
@@ -348,10 +383,11 @@ def _bind_one_core_range_per_worker(world: int) -> None:
     logger.info("vllm-helix: VLLM_CPU_OMP_THREADS_BIND=%s (one core range per worker)", binding)
 
 
-def apply_helix(args: Any) -> HelixConfig | None:
+def apply_helix(args: Any, headless: bool = False) -> HelixConfig | None:
     """Validate the requested layout and rewrite ``args`` into vLLM's DCP settings.
 
     Returns the layout with ``stripe`` resolved, or ``None`` when Helix is off.
+    ``headless``: this process runs workers only (``vllm serve --headless``).
     """
     try:
         helix = from_additional_config(args.additional_config)
@@ -364,13 +400,14 @@ def apply_helix(args: Any) -> HelixConfig | None:
                            "did you mean 'helix'?", near)
         return None
     check_supported_version()
-    check_cpu_cores(helix.world_size)
+    local_workers = check_nodes(helix, args, headless)
+    check_cpu_cores(helix.world_size, _nodes(args))
     model_config = args.create_model_config()
     block_size, stripe = resolve_attention(helix, args, model_config)
     shape = model_shape(model_config, block_size)
     resolved = HelixConfig(**{**helix.to_dict(), "stripe": stripe})
     try:  # the layout rules the planner enumerates with (vllm_helix.serving_rules)
-        check_layout(resolved, shape, _platform(), max_workers=_cpu_worker_slots())
+        check_layout(resolved, shape, _platform(), max_workers=_cpu_worker_slots(_nodes(args)))
     except HelixStartupError:
         raise
     except HelixConfigError as err:
@@ -384,7 +421,7 @@ def apply_helix(args: Any) -> HelixConfig | None:
     args.decode_context_parallel_size = resolved.kvp
     args.cp_kv_cache_interleave_size = stripe
     args.additional_config = {**dict(args.additional_config), ADDITIONAL_CONFIG_KEY: resolved.to_dict()}
-    _bind_one_core_range_per_worker(resolved.world_size)
+    _bind_one_core_range_per_worker(local_workers)
     logger.info(
         "vllm-helix: %s -> tensor_parallel_size=%d, decode_context_parallel_size=%d, "
         "cp_kv_cache_interleave_size=%d",
@@ -406,7 +443,8 @@ def install() -> None:
     def create_engine_config(self: EngineArgs, *args: Any, **kwargs: Any):
         check_helix_connector(self)
         try:
-            apply_helix(self)
+            headless = kwargs.get("headless", args[1] if len(args) > 1 else False)  # (usage_context, headless)
+            apply_helix(self, headless=bool(headless))
             return original(self, *args, **kwargs)
         except OSError as err:  # the model's files: missing, unreadable, or a hub name offline
             raise HelixStartupError(f"model {self.model!r} cannot be loaded: {err}".splitlines()[0]) from None

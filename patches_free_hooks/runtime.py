@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from vllm_helix.attention import KVPExchange
 from vllm_helix.config import HelixConfig, from_additional_config
 from vllm_helix.striping import KVStriping
@@ -49,8 +51,9 @@ def log_active_once(runtime: HelixRuntime, attention: str) -> None:
         return
     _logged.add(attention)
     route = "none"
-    if runtime.exchange is not None:
-        route = "shared-memory all-gather" if runtime.exchange.all_gather is not None else "all-to-all"
+    if runtime.exchange is not None:  # the transport too: across nodes it is the group's backend over TCP
+        route = ("shared-memory all-gather" if runtime.exchange.all_gather is not None else
+                 f"all-to-all over {torch.distributed.get_backend(runtime.exchange.group)}")
     _logger.info(
         "Helix %s attention active: %s, KVP rank %d of %d, stripe %d tokens, exchange: %s",
         attention, runtime.config.to_cli(), runtime.kvp_rank, runtime.config.kvp, runtime.striping.stripe, route,

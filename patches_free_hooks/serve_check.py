@@ -47,7 +47,7 @@ def check(argv: Sequence[str], target: Platform | None) -> str:
     with engine_config.checking_for(target):
         engine_config.check_helix_connector(engine_args)
         try:
-            helix = engine_config.apply_helix(engine_args)
+            helix = engine_config.apply_helix(engine_args, headless=engine_args.headless)
         except OSError as err:
             raise HelixStartupError(f"model {engine_args.model!r} cannot be read: {err}".splitlines()[0]) from None
     if helix is None:

@@ -203,6 +203,22 @@ def test_a_failed_write_leaves_no_file_and_two_producers_of_one_prompt_publish_o
     assert torch.equal(_read(store, key, range(0, 1), 3), torch.zeros(3, 1, 6))
 
 
+def test_a_store_seen_through_another_mount_reads_what_this_one_wrote(
+        store: KVFileStore, tmp_path: Path, bind_mount, fresh_seed: int) -> None:
+    # a producer host and a decode host mounting one file system at different paths: the entry is
+    # found by its key, never by the writer's path, and a save in progress is invisible there
+    other_path = tmp_path / "seen-from-the-decode-host"
+    bind_mount(store.root, other_path)
+    other = KVFileStore(private_root(str(other_path)))
+    canonical = _canonical(37, 2, 6, fresh_seed)
+    staging = store.begin(_key(2))
+    assert other.status(_key(2)) == (0, True) and not list(other_path.glob("[0-9a-f]*"))  # none yet
+    store.abandon(staging)
+    _save(store, _key(1), canonical)
+    assert other.status(_key(1)) == (37, True)
+    assert torch.equal(_read(other, _key(1), range(0, 2), 37), canonical)
+
+
 def test_files_are_private_and_not_followed_through_links(store: KVFileStore, tmp_path: Path) -> None:
     key = _key(6)
     _save(store, key, torch.zeros(2, 1, 6))

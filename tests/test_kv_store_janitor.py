@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,14 +103,22 @@ def _hold(path: str, ready, release) -> None:
         entry.read_layer("L0", range(0, 1), 4, torch.float32, 6)
 
 
-def test_an_entry_is_not_deleted_under_its_reader(store: KVFileStore) -> None:
+@pytest.mark.parametrize("through", ["the same path", "another mount"])
+def test_an_entry_is_not_deleted_under_its_reader(store: KVFileStore, tmp_path: Path, through: str,
+                                                  bind_mount: Callable[[Path, Path], None]) -> None:
+    # "another mount": the reader sees the store through a second mount point of the same directory, as a
+    # decode host does on a shared file system (the lease is on the file, not on the path)
     clock = Clock()
     key = _entry(store, 1)
     janitor = StoreJanitor(store.root, max_age_s=1, max_bytes=10**9, clock=clock)
     janitor.sweep()
+    path = store.root
+    if through == "another mount":
+        path = tmp_path / "seen-from-the-decode-host"
+        bind_mount(store.root, path)
     context = multiprocessing.get_context("spawn")
     ready, release = context.Event(), context.Event()
-    reader = context.Process(target=_hold, args=(str(store.root), ready, release))
+    reader = context.Process(target=_hold, args=(str(path), ready, release))
     reader.start()
     try:
         assert ready.wait(60)

@@ -29,6 +29,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
+from vllm_helix.config import from_additional_config  # noqa: E402
+
 DRIVER = Path(__file__).with_name("generate_driver.py")
 # vLLM's engine core in the driver's own process (``LLM`` supports both): one spawned
 # process and one vLLM import fewer per engine (about 15 s of a 45 s run on these machines).
@@ -42,6 +44,15 @@ def _kv_report(log: str) -> dict[str, float]:
     conc = re.search(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x", log)
     assert size is not None and conc, log[-3000:]
     return {"kv_cache_tokens": size, "max_concurrency": float(conc.group(1))}
+
+
+def _workers_to_bind(llm_kwargs: dict[str, Any]) -> int:
+    """Workers the test binds to cores itself: vLLM's TP workers, and a Helix layout with more workers
+    than cores (they share the cores, as a user may bind them; the plugin binds the rest)."""
+    helix = from_additional_config(llm_kwargs.get("additional_config") or {})
+    if helix is not None:
+        return helix.world_size if helix.world_size > len(os.sched_getaffinity(0)) else 1
+    return int(llm_kwargs.get("tensor_parallel_size", 1))
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +75,7 @@ def generate(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str
             llm_kwargs = {**baseline_engine_kwargs(model, llm_kwargs["dtype"]), **llm_kwargs}
         spec = {"model": str(model), "out": str(out), "prompts": prompts, "max_tokens": max_tokens,
                 "llm_kwargs": llm_kwargs, "repeat": repeat, "rounds": list(rounds)}
-        env = {**cpu_env(int(llm_kwargs.get("tensor_parallel_size", 1))), **IN_PROCESS_ENGINE_CORE}
+        env = {**cpu_env(_workers_to_bind(llm_kwargs)), **IN_PROCESS_ENGINE_CORE}
         proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(spec)], env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

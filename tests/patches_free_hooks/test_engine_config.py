@@ -7,6 +7,7 @@ here, with the constraint and a working alternative, before any worker exists.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,33 @@ def test_workers_get_one_core_range_each_when_unbound(twins: dict[str, Path], mo
     monkeypatch.setattr(engine_config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     apply_helix(_args(twins["llama1"], {"kvp": 2, "tpa": 1}))
     assert engine_config.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1|2-3"
+
+
+def test_across_nodes_each_node_counts_its_own_workers_against_its_cores(
+        twins: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # kvp=2 over two one-core nodes: one worker per node, bound to the node's whole core range
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    monkeypatch.setattr(engine_config.os, "sched_getaffinity", lambda pid: {0})
+    for rank, headless in ((0, False), (1, True)):
+        args = _args(twins["llama1"], {"kvp": 2, "tpa": 1}, nnodes=2, node_rank=rank, master_addr="127.0.0.1")
+        assert apply_helix(args, headless=headless) is not None
+        assert args.tensor_parallel_size == 2 and engine_config.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+    with pytest.raises(HelixStartupError, match=r"^2 CPU workers on each of 2 nodes need at least 2 cores but only 1"):
+        apply_helix(_args(twins["llama2"], {"kvp": 2, "tpa": 2}, nnodes=2), headless=False)
+
+
+@pytest.mark.parametrize(("helix", "nodes", "rank", "headless", "message"), [
+    ({"kvp": 2, "tpa": 1}, 3, 0, False, "has 2 workers, which --nnodes 3 cannot split evenly"),
+    ({"kvp": 2, "tpa": 1}, 2, 2, True, "--node-rank 2 is outside 0..1 for --nnodes 2"),
+    ({"kvp": 2, "tpa": 1}, 2, 1, False, "--node-rank 1 runs workers only: add --headless"),
+    ({"kvp": 2, "tpa": 1}, 2, 0, True, "--node-rank 0 serves the API: drop --headless"),
+    ({"kvp": 2, "tpa": 1}, 1, 1, False, "--node-rank 1 needs --nnodes > 1"),
+])
+def test_inconsistent_node_flags_are_refused_in_one_line(twins: dict[str, Path], helix: dict, nodes: int, rank: int,
+                                                         headless: bool, message: str) -> None:
+    with pytest.raises(HelixStartupError, match=re.escape(message)) as refused:
+        apply_helix(_args(twins["llama1"], helix, nnodes=nodes, node_rank=rank), headless=headless)
+    assert "\n" not in str(refused.value)
 
 
 def test_the_wrapper_is_installed_once_and_runs_before_vllm_builds_its_config(twins: dict[str, Path]) -> None:

@@ -84,9 +84,10 @@ class Server:
     """
 
     def __init__(self, command: Sequence[str], log_path: str | Path, env: dict[str, str] | None = None,
-                 start_timeout_s: float = 600.0) -> None:
+                 start_timeout_s: float = 600.0, serves: bool = True) -> None:
+        self.serves = serves  # False: a process without an API (a headless node): ready while it runs
         self.port = free_port()
-        self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.command = [*command, "--host", "127.0.0.1", "--port", str(self.port)] if serves else list(command)
         self.log_path = Path(log_path)
         self.env = env
         self.start_timeout_s = start_timeout_s
@@ -129,6 +130,8 @@ class Server:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise ServerError(f"server exited with code {self.process.returncode} during start-up:\n{self.log_tail()}")
+            if not self.serves:
+                return
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=5) as reply:
                     if reply.status == 200:
