@@ -5,7 +5,10 @@ Helix layout runs, and on float32 twins it must reproduce single-rank
 generation token for token, logprobs within 1e-3 (the measured noise floor of
 the CPU path is ~1e-5, docs/cpu-determinism.md), for prompts from one token to
 many KV blocks in one mixed batch, with 32+ generated tokens. The KV-cache
-capacity vLLM reports must be kvp times that of the same workers without Helix.
+capacity vLLM reports must be kvp times that of the same workers without Helix (the
+Llama twin here; the DeepSeek twin's in tests/commands/test_demo.py, whose main job
+compares Helix kvp=2 with TP=2). The plain side is the session's shared reference
+engine (``reference`` in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def _assert_helix_ran(run: dict[str, Any], attention: str, kvp: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], module_seed: int) -> dict[str, Any]:
+def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+             module_seed: int) -> dict[str, Any]:
     # 32-token blocks: the 300-token prompt spans 10 blocks (5 per rank).
     prompts = _prompts(module_seed, (1, 3, 31, 33, 130, 300, 64, 2))
     common = dict(block_size=32, max_num_seqs=16)
@@ -75,7 +79,7 @@ def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], mo
         "helix_preempted": generate(twins["llama1"], prompts, MAX_TOKENS, num_gpu_blocks_override=7,
                                     max_model_len=384,
                                     additional_config={"helix": {"kvp": 2, "tpa": 1}}, **common),
-        "off_tp1": generate(twins["llama1"], prompts, MAX_TOKENS, **common),
+        "off_tp1": reference(twins["llama1"], prompts, MAX_TOKENS, block_size=32),
         "off_tp2": generate(twins["llama1"], prompts[:1], 1, tensor_parallel_size=2, **common),
     }
 
@@ -106,14 +110,14 @@ def test_gqa_helix_holds_kvp_times_the_context_of_duplicated_kv(gqa_runs: dict[s
 
 
 @pytest.fixture(scope="module")
-def mla_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], module_seed: int) -> dict[str, Any]:
+def mla_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+             module_seed: int) -> dict[str, Any]:
     # 16-token blocks (vLLM's CPU MLA): the 200-token prompt spans 13 blocks.
     prompts = _prompts(module_seed + 1, (1, 2, 15, 17, 48, 200, 5))
     return {
         "helix": generate(twins["deepseek"], prompts, MAX_TOKENS,
                           additional_config={"helix": {"kvp": 2, "tpa": 1, "hopb": 2}}, **EXACT_ROPE_KW),
-        "off_tp1": generate(twins["deepseek"], prompts, MAX_TOKENS, **EXACT_ROPE_KW),
-        "off_tp2": generate(twins["deepseek"], prompts[:1], 1, tensor_parallel_size=2, **EXACT_ROPE_KW),
+        "off_tp1": reference(twins["deepseek"], prompts, MAX_TOKENS, **EXACT_ROPE_KW),
     }
 
 
@@ -123,9 +127,4 @@ def test_mla_helix_with_hopb_equals_helix_off(twins: dict[str, Path], mla_runs: 
     assert_mla_backend(mla_runs["helix"], twins["deepseek"], "float32", helix=True)
     assert_mla_backend(mla_runs["off_tp1"], twins["deepseek"], "float32", helix=False)
     _assert_same_generation(mla_runs["helix"], mla_runs["off_tp1"])
-
-
-def test_mla_helix_holds_kvp_times_the_context_of_duplicated_latent_kv(mla_runs: dict[str, Any]) -> None:
-    helix, tp2 = mla_runs["helix"]["kv"], mla_runs["off_tp2"]["kv"]
-    assert helix["kv_cache_tokens"] == 2 * tp2["kv_cache_tokens"]
-    assert helix["max_concurrency"] == pytest.approx(2 * tp2["max_concurrency"], rel=1e-3)  # printed with 2 decimals
+    assert "Helix MoE grid" not in mla_runs["helix"]["log"]  # ep=1: vLLM's own TP experts, untouched

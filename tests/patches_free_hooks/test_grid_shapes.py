@@ -46,7 +46,8 @@ def _transfer(role: str, path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def shapes(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], module_seed: int,
+def shapes(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+           module_seed: int,
            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     loaded, computed = _prompts(module_seed, (70, 200)), _prompts(module_seed + 1, (1, 33, 130))
     store = tmp_path_factory.mktemp("grid-split") / "kv"
@@ -57,14 +58,14 @@ def shapes(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], modu
         "kvp=2,tpa=2 (split)": (
             generate(twins["llama2"], loaded + computed, MAX_TOKENS, **GQA, **_transfer("kv_consumer", store),
                      additional_config={"helix": "kvp=2,tpa=2"}),
-            generate(twins["llama2"], loaded + computed, MAX_TOKENS, **GQA)),
+            reference(twins["llama2"], loaded + computed, MAX_TOKENS, **GQA)),
         "kvp=4,tpa=1": (
             generate(twins["llama1"], gqa4, MAX_TOKENS, **GQA, additional_config={"helix": "kvp=4,tpa=1"}),
-            generate(twins["llama1"], gqa4, MAX_TOKENS, **GQA)),
+            reference(twins["llama1"], gqa4, MAX_TOKENS, **GQA)),
         "mla kvp=4, tpf=2 x ep=2": (
             generate(twins["deepseek"], mla, MAX_TOKENS, **EXACT_ROPE_KW,
                      additional_config={"helix": "kvp=4,tpa=1,tpf=2,ep=2"}),
-            generate(twins["deepseek"], mla, MAX_TOKENS, **EXACT_ROPE_KW)),
+            reference(twins["deepseek"], mla, MAX_TOKENS, **EXACT_ROPE_KW)),
         "loaded": loaded,
     }
 

@@ -186,15 +186,14 @@ def _prompts(seed: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def grid_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], module_seed: int) -> dict[str, Any]:
+def grid_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+              module_seed: int) -> dict[str, Any]:
     prompts = _prompts(module_seed)
     return {
         "ep2": generate(twins["deepseek"], prompts, MAX_TOKENS,
                         additional_config={"helix": {"kvp": 2, "tpa": 1, "tpf": 1, "ep": 2, "hopb": 2}},
                         **EXACT_ROPE_KW),
-        "tpf2": generate(twins["deepseek"], prompts, MAX_TOKENS,
-                         additional_config={"helix": {"kvp": 2, "tpa": 1, "tpf": 2, "ep": 1}}, **EXACT_ROPE_KW),
-        "off_tp1": generate(twins["deepseek"], prompts, MAX_TOKENS, **EXACT_ROPE_KW),
+        "off_tp1": reference(twins["deepseek"], prompts, MAX_TOKENS, **EXACT_ROPE_KW),
     }
 
 
@@ -207,9 +206,10 @@ def _assert_same_generation(run: dict[str, Any], off: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["ep2", "tpf2"])
-def test_grid_generation_equals_single_rank(grid_runs: dict[str, Any], layout: str) -> None:
-    _assert_same_generation(grid_runs[layout], grid_runs["off_tp1"])
+def test_grid_generation_equals_single_rank(grid_runs: dict[str, Any]) -> None:
+    # (ep=1, experts TP over all ranks, is vLLM's own MoE: test_generation.py's MLA run checks it
+    # stays untouched; the 2 x 2 grid on four ranks is in test_grid_shapes.py)
+    _assert_same_generation(grid_runs["ep2"], grid_runs["off_tp1"])
 
 
 @pytest.mark.slow
@@ -220,8 +220,3 @@ def test_ep_grid_is_active_and_each_worker_holds_half_the_routed_experts(grid_ru
     held = [int(n) for n in re.findall(r"Helix MoE grid weights: .*?, (\d+) bytes of routed experts", log)]
     full = 3 * E * I * H * 4  # float32 w13 + w2 of one layer
     assert held == [full // 2, full // 2], log[-3000:]
-
-
-@pytest.mark.slow
-def test_ep_one_leaves_vllms_tp_moe_untouched(grid_runs: dict[str, Any]) -> None:
-    assert "Helix MoE grid" not in grid_runs["tpf2"]["log"]

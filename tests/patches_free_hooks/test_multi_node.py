@@ -33,13 +33,13 @@ LENGTHS = {"llama1": (256, 300, 515), "deepseek": (32, 45, 200)}
 
 
 @pytest.fixture(scope="module", params=list(LENGTHS))
-def across_nodes(request: pytest.FixtureRequest, twins: dict[str, Path], generate: Callable[..., dict[str, Any]],
+def across_nodes(request: pytest.FixtureRequest, twins: dict[str, Path], reference: Callable[..., dict[str, Any]],
                  tmp_path_factory: pytest.TempPathFactory, module_seed: int) -> dict[str, Any]:
     name = request.param
     rng = random.Random(module_seed)
     prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in LENGTHS[name]]
-    rope = EXACT_ROPE_KW if name == "deepseek" else {}
-    reference = generate(twins[name], prompts, MAX_TOKENS, **rope)["results"]
+    plain = reference(twins[name], prompts, MAX_TOKENS,
+                      **(EXACT_ROPE_KW if name == "deepseek" else {"block_size": 32}))["results"]
     engine_args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
                    *(EXACT_ROPE_FLAGS if name == "deepseek" else ())]
     log_dir = tmp_path_factory.mktemp(f"nodes-{name}")
@@ -47,7 +47,7 @@ def across_nodes(request: pytest.FixtureRequest, twins: dict[str, Path], generat
                              start_timeout_s=420) as nodes:
         served = [nodes[0].greedy_completion(str(twins[name]), p, MAX_TOKENS) for p in prompts]
         logs = [node.log_text() for node in nodes]
-    return {"name": name, "reference": reference, "served": served, "logs": logs}
+    return {"name": name, "reference": plain, "served": served, "logs": logs}
 
 
 def test_helix_across_two_nodes_equals_one_plain_engine(across_nodes: dict[str, Any]) -> None:

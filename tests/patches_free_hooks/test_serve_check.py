@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,14 @@ def test_serve_takes_the_check_flag_out_of_the_vllm_arguments() -> None:
 
 def test_the_cli_answers_in_one_line_with_exit_0_or_2(twins: dict[str, Path]) -> None:
     cli = [sys.executable, "-m", "vllm_helix.commands.cli", "serve", str(twins["llama1"])]
-    good = subprocess.run([*cli, "--helix", "kvp=1,tpa=1", "--check"], capture_output=True, text=True, timeout=300)
+    preset = Path(__file__).resolve().parents[2] / "configs" / "tiny-llama.yaml"  # checked where it says it runs
+    commands = {"good": [*cli, "--helix", "kvp=1,tpa=1", "--check"],
+                "bad": [*cli, "--helix", "kvp=2,tpa=1,hopb=2", "--check", "cuda:9.0"],
+                "own": [*cli, "--helix-config", str(preset), "--check"]}
+    with ThreadPoolExecutor(len(commands)) as pool:  # three vLLM imports at once
+        good, bad, own = pool.map(lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=300),
+                                  commands.values())
     assert good.returncode == 0 and good.stdout.count("\n") == 1 and good.stdout.startswith("ok: Helix"), good
-    bad = subprocess.run([*cli, "--helix", "kvp=2,tpa=1,hopb=2", "--check", "cuda:9.0"], capture_output=True,
-                         text=True, timeout=300)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.strip().splitlines()[-1].startswith(
         "error: hopb=2"), bad
-    preset = Path(__file__).resolve().parents[2] / "configs" / "tiny-llama.yaml"  # checked where it says it runs
-    own = subprocess.run([*cli, "--helix-config", str(preset), "--check"], capture_output=True, text=True, timeout=300)
     assert own.returncode == 0 and "on CPU with 2 cores" in own.stdout, own

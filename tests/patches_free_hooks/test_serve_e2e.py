@@ -43,12 +43,12 @@ def test_server_runs_helix_and_reports_kvp_times_the_capacity(server: Server) ->
 
 
 def test_completions_equal_the_offline_helix_off_engine(
-    server: Server, twins: dict[str, Path], generate: Callable[..., dict[str, Any]]
+    server: Server, twins: dict[str, Path], reference: Callable[..., dict[str, Any]]
 ) -> None:
     prompts = [[(7 * i + 3) % 1900 + 5 for i in range(n)] for n in (1, 40, 150)]
-    reference = generate(twins["deepseek"], prompts, 32,
-                         compilation_config={"custom_ops": ["all", "-rotary_embedding"]})["results"]
-    for prompt, expected in zip(prompts, reference):
+    expected_results = reference(twins["deepseek"], prompts, 32,
+                                 compilation_config={"custom_ops": ["all", "-rotary_embedding"]})["results"]
+    for prompt, expected in zip(prompts, expected_results):
         got = server.greedy_completion(str(twins["deepseek"]), prompt, 32)
         assert got["ids"] == expected["ids"]
         assert max(abs(a - b) for a, b in zip(got["logprobs"], expected["logprobs"])) <= 1e-3

@@ -7,23 +7,56 @@ additional_config={"helix": {...}}), repeat (generate the same prompts a second
 time: prefix-cache hits), rounds (more prompt lists, generated one after another
 in the same engine; their results follow the first round's). The JSON also carries
 vLLM's preemption counter and the HelixConnector's counters (``vllm:helix_kv_*``).
+
+``python generate_driver.py --serve SPEC_JSON`` keeps one engine (SPEC: model,
+llm_kwargs) and answers requests read from stdin, one JSON line each (prompts,
+max_tokens, out), until stdin closes: the session's shared reference engines
+(``reference`` fixture). Each answer is written to a temporary file, then renamed
+to ``out``, so the reader never sees half a file.
 """
 
 import json
+import os
 import sys
 import time
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def _engine(spec):
+    from vllm import LLM
 
     kwargs = dict(model=spec["model"], dtype="float32", enforce_eager=True, seed=0,
                   max_model_len=spec.get("max_model_len", 2048), max_num_seqs=16, disable_log_stats=False)
     kwargs.update(spec.get("llm_kwargs", {}))
+    return LLM(**kwargs)
+
+
+def serve(spec) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = _engine(spec)
+    print("reference engine ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True, logprobs=1)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]], params,
+                               use_tqdm=False)
+        partial = request["out"] + ".partial"
+        with open(partial, "w") as f:
+            json.dump({"results": _results(outputs)}, f)
+        os.replace(partial, request["out"])
+
+
+def main() -> None:
+    if sys.argv[1] == "--serve":
+        serve(json.loads(sys.argv[2]))
+        return
+    spec = json.loads(sys.argv[1])
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     started = time.time()
-    llm = LLM(**kwargs)
+    llm = _engine(spec)
     load_s = time.time() - started
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=1)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
