@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
-ray = pytest.importorskip("ray", reason="Ray not installed: pip install 'vllm-helix[cpu]'")
+ray = pytest.importorskip("ray", reason="Ray not installed: pip install 'vllm-helix[test]'")
 
 pytestmark = pytest.mark.slow
 
