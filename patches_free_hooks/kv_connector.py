@@ -40,13 +40,13 @@ from typing import Any
 
 import torch
 
-from vllm_helix.config import from_additional_config
 from vllm_helix.kv_handoff import BlockLayout, rank_tokens, tp_kv_heads
 from vllm_helix.kv_store import KVFileStore, KVStoreError, PartRecord, StoreConfig, entry_key, private_root
 from vllm_helix.kv_store_janitor import JanitorThread, StoreJanitor
 from vllm_helix.striping import KVStriping
 
 from patches_free_hooks.compat import internal
+from patches_free_hooks.engine_helix import engine_helix
 from patches_free_hooks.kv_connector_stats import HelixConnectorStats, HelixPromMetrics
 from patches_free_hooks.kv_layouts import cpu_attn_isa, cpu_attn_layout
 
@@ -113,9 +113,9 @@ class _Placement:
     @classmethod
     def of(cls, vllm_config: Any) -> _Placement:
         model, block_size = vllm_config.model_config, vllm_config.cache_config.block_size
-        helix = from_additional_config(vllm_config.additional_config)
-        striping = (KVStriping(helix.kvp, helix.stripe_for(block_size), block_size)
-                    if helix is not None and helix.kvp > 1 else KVStriping(1, block_size, block_size))
+        helix = engine_helix(vllm_config)
+        striping = (helix.striping if helix is not None and helix.config.kvp > 1
+                    else KVStriping(1, block_size, block_size))
         heads = 1 if model.use_mla else model.get_total_num_kv_heads()
         return cls(heads, vllm_config.parallel_config.tensor_parallel_size, striping, model.use_mla)
 

@@ -51,9 +51,11 @@ from typing import Any
 
 import torch
 
-from patches_free_hooks.compat import HelixStartupError, internal
-from vllm_helix.config import HelixConfig, from_additional_config
+from vllm_helix.config import HelixConfig
 from vllm_helix.moe_grid import grid_position
+
+from patches_free_hooks.compat import HelixStartupError, internal
+from patches_free_hooks.engine_helix import engine_helix
 
 logger = logging.getLogger("vllm.helix")  # under vLLM's logger: same handlers and format
 
@@ -71,8 +73,8 @@ def helix_grid() -> HelixConfig | None:
     vllm_config = internal("vllm.config:get_current_vllm_config_or_none")()
     if vllm_config is None:
         return None
-    helix = from_additional_config(vllm_config.additional_config)
-    return helix if helix is not None and helix.ep > 1 else None
+    helix = engine_helix(vllm_config)
+    return helix.config if helix is not None and helix.config.ep > 1 else None
 
 
 def grid_parallel_config(config: Any, helix: HelixConfig) -> Any:

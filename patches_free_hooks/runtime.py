@@ -1,7 +1,8 @@
 """Per-process Helix state inside a vLLM worker: layout, stripes, KVP rank, exchange.
 
-Built lazily from the current ``VllmConfig`` the first time a backend asks, and
-cached for the process: every attention layer of a worker shares one
+Built lazily from the current ``VllmConfig`` the first time a backend asks (from the
+engine's one resolved layout, :mod:`patches_free_hooks.engine_helix`), and kept on that
+config: every attention layer of a worker shares one
 :class:`~vllm_helix.attention.KVPExchange` over vLLM's DCP group (which *is*
 the KVP group: vLLM's DCP ranks are consecutive TP ranks, the Helix layout's
 ``rank = tpa_index * kvp + kvp_index``).
@@ -16,11 +17,12 @@ from typing import Any
 import torch
 
 from vllm_helix.attention import KVPExchange
-from vllm_helix.config import HelixConfig, from_additional_config
+from vllm_helix.config import HelixConfig
 from vllm_helix.striping import KVStriping
 
-from patches_free_hooks.compat import HelixStartupError, internal
+from patches_free_hooks.compat import internal
 from patches_free_hooks.cpu_collectives import enable_shared_memory_all_gather
+from patches_free_hooks.engine_helix import engine_helix, held
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,6 @@ class HelixRuntime:
         return self.config.kvp > 1
 
 
-# id(vllm_config) -> (the config itself, its runtime). Holding the config keeps its id from being reused by
-# another engine's config in the same process (an id alone can name a dead object's successor).
-_CACHE: dict[int, tuple[Any, HelixRuntime | None]] = {}
 _logger = logging.getLogger("vllm.helix")
 _logged: set[str] = set()
 
@@ -61,35 +60,19 @@ def log_active_once(runtime: HelixRuntime, attention: str) -> None:
 
 
 def helix_runtime(vllm_config: Any | None = None) -> HelixRuntime | None:
-    """The Helix state of this worker, or ``None`` when Helix is not requested."""
+    """The Helix state of this worker, or ``None`` when Helix is not requested (kept on the config)."""
     if vllm_config is None:
         vllm_config = internal("vllm.config:get_current_vllm_config")()
-    key = id(vllm_config)
-    if key in _CACHE and _CACHE[key][0] is vllm_config:
-        return _CACHE[key][1]
-    helix = from_additional_config(vllm_config.additional_config)
-    runtime = None
-    if helix is not None:
-        parallel = vllm_config.parallel_config
-        if parallel.decode_context_parallel_size != helix.kvp:
-            raise HelixStartupError(
-                f"helix kvp={helix.kvp} but vLLM runs decode_context_parallel_size="
-                f"{parallel.decode_context_parallel_size}: the plugin's engine hook did not "
-                "run; start through `vllm serve`/`vllm-helix serve`/vllm.LLM with the plugin "
-                "installed"
-            )
-        block_size = vllm_config.cache_config.block_size
-        stripe = helix.stripe_for(block_size)
-        if stripe != parallel.cp_kv_cache_interleave_size:
-            raise HelixStartupError(
-                f"helix stripe={stripe} but cp_kv_cache_interleave_size="
-                f"{parallel.cp_kv_cache_interleave_size}; drop --cp-kv-cache-interleave-size"
-            )
-        exchange, rank = None, 0
-        if helix.kvp > 1:
-            group = internal("vllm.distributed.parallel_state:get_dcp_group")()
-            rank = group.rank_in_group
-            exchange = KVPExchange(group.device_group, helix.kvp, enable_shared_memory_all_gather(group))
-        runtime = HelixRuntime(helix, KVStriping(helix.kvp, stripe, block_size), rank, exchange)
-    _CACHE[key] = (vllm_config, runtime)
-    return runtime
+    return held(vllm_config, "_vllm_helix_runtime", _build_runtime)
+
+
+def _build_runtime(vllm_config: Any) -> HelixRuntime | None:
+    layout = engine_helix(vllm_config)
+    if layout is None:
+        return None
+    exchange, rank = None, 0
+    if layout.config.kvp > 1:
+        group = internal("vllm.distributed.parallel_state:get_dcp_group")()
+        rank = group.rank_in_group
+        exchange = KVPExchange(group.device_group, layout.config.kvp, enable_shared_memory_all_gather(group))
+    return HelixRuntime(layout.config, layout.striping, rank, exchange)

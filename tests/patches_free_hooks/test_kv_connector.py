@@ -47,6 +47,7 @@ from vllm_helix.kv_store import (DTYPES, MANIFEST, STAGING_PREFIX, KVFileStore, 
 
 from patches_free_hooks.kv_connector import (HelixConnector, HelixWorkerMetadata, KVConnectorRole,  # noqa: E402
                                              _Placement)
+from vllm_helix.config import from_additional_config  # noqa: E402
 from vllm_helix.striping import KVStriping  # noqa: E402
 
 MAX_TOKENS = 12
@@ -260,6 +261,14 @@ def test_a_full_disk_drops_the_entries_and_answers_every_request(full_disk: Path
 
 
 # ------------------------------------------------------------------ scheduler half, no engine
+def _parallel(helix: dict | None, block: int) -> SimpleNamespace:
+    """vLLM's parallel settings as the engine hook leaves them for ``helix``."""
+    layout = from_additional_config({"helix": helix}) if helix else None
+    return SimpleNamespace(tensor_parallel_size=layout.world_size if layout else 1,
+                           decode_context_parallel_size=layout.kvp if layout else 1,
+                           cp_kv_cache_interleave_size=layout.stripe_for(block) if layout else 1)
+
+
 def _connector(tmp_path: Path, role: str = "kv_both", helix: dict | None = None, block: int = 16,
                **extra: Any) -> HelixConnector:
     config = SimpleNamespace(
@@ -268,7 +277,7 @@ def _connector(tmp_path: Path, role: str = "kv_both", helix: dict | None = None,
         model_config=SimpleNamespace(model="twin", dtype=torch.float32, use_mla=False, revision=None,
                                      quantization=None, get_total_num_kv_heads=lambda: 1, get_head_size=lambda: 2),
         cache_config=SimpleNamespace(block_size=block, cache_dtype="auto"),
-        parallel_config=SimpleNamespace(tensor_parallel_size=2 if helix else 1),
+        parallel_config=_parallel(helix, block),
         additional_config={"helix": helix} if helix else {})
     groups = SimpleNamespace(kv_cache_groups=[SimpleNamespace(layer_names=["L1", "L0"])])
     return HelixConnector(config, KVConnectorRole.SCHEDULER, groups)
