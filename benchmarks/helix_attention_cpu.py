@@ -26,7 +26,7 @@ import torch
 from vllm_helix.attention.exchange import KVPExchange
 from vllm_helix.attention.hopb import helix_decode
 from vllm_helix.attention.synthetic import HelixCase, ProblemSpec, make_problem, shard_decoder, shard_for_rank
-from vllm_helix.layout import build_helix_groups
+from vllm_helix.rank_grid import build_helix_groups
 from vllm_helix.harness.machine import describe_machine, machine_line, median_seconds
 from vllm_helix.harness.spawn import run_ranks
 

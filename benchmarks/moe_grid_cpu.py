@@ -2,7 +2,7 @@
 
 For every layout (tpf, ep) with tpf * ep = N (N = 1, 2, 4) and decode batch B,
 every rank's shard of one routed-expert layer is run through the plugin's CPU
-expert path (``patches_free_hooks.moe_grid``: vLLM's ``cpu_fused_moe`` on the
+expert path (``patches_free_hooks.moe_grid_hook``: vLLM's ``cpu_fused_moe`` on the
 (token, slot) pairs routed to local experts) on one torch thread, rank after
 rank in this process. A rank owns one core in a real run, so the step's
 critical path is the slowest rank (``max``); the all-reduce that completes the
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from vllm_helix.harness.machine import describe_machine, machine_line, median_seconds
-from vllm_helix.moe_grid import GridShard
+from vllm_helix.moe_shards import GridShard
 
 RESULTS = Path(__file__).parent / "results"
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]  # (tpf, ep)
@@ -43,7 +43,7 @@ def _experts(intermediate: int, num_experts: int, top_k: int, hidden: int):
         CPUUnquantizedExperts,
     )
 
-    from patches_free_hooks.moe_grid import _local_experts_class
+    from patches_free_hooks.moe_grid_hook import _local_experts_class
 
     config = FusedMoEConfig(
         num_experts=num_experts, experts_per_token=top_k, hidden_dim=hidden, intermediate_size=intermediate,
@@ -108,7 +108,7 @@ def main() -> None:
     machine = {**describe_machine(), "torch": torch.__version__,
                "note": "ranks timed one after another on one torch thread each; all-reduce not timed"}
     settings = {"experts": experts, "top_k": top_k, "hidden": hidden, "intermediate": inter, "dtype": "float32",
-                "repeats": repeats, "kernel": "vLLM cpu_fused_moe (isa vec) via patches_free_hooks.moe_grid"}
+                "repeats": repeats, "kernel": "vLLM cpu_fused_moe (isa vec) via patches_free_hooks.moe_grid_hook"}
     payload = {"machine": machine, "settings": settings, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "moe_grid_cpu.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -28,7 +28,7 @@ from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, Workload, max_se
 from vllm_helix.planner.disagg import TrafficMix, plan_disaggregation
 from vllm_helix.planner.energy import energy_of
 from vllm_helix.planner.hardware_spec import DEFAULT_RUNTIME_RESERVE_GB, HardwareSpec, Link, load_hardware
-from vllm_helix.planner.layouts import BASELINES, HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout
+from vllm_helix.planner.strategies import BASELINES, HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout
 from vllm_helix.planner.model_spec import load_model
 from vllm_helix.planner.pareto import (best_ttl_per_batch, compare, largest_interactivity_loss,
                                        largest_throughput_loss)

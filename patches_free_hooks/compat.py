@@ -72,7 +72,7 @@ INTERNALS: tuple[str, ...] = (
     "vllm.config:get_current_vllm_config_or_none",
     "vllm.triton_utils.dispatcher:register_kernels",
     "vllm.v1.worker.block_table:ComputeSlotMappingKernel.kernel",
-    # MoE TPF x EP grid (patches_free_hooks/moe_grid.py)
+    # MoE TPF x EP grid (patches_free_hooks/moe_grid_hook.py)
     "vllm.model_executor.layers.fused_moe.config:FusedMoEParallelConfig",
     "vllm.model_executor.layers.fused_moe.config:FusedMoEParallelConfig.make",
     "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method:UnquantizedFusedMoEMethod",

@@ -334,11 +334,11 @@ def check_helix_connector(args: Any) -> None:
 def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | None) -> None:
     """Rules of the MoE TPF x EP grid (ep > 1) beyond the layout's own (``HelixConfig.validate``).
 
-    The grid is built by :mod:`patches_free_hooks.moe_grid` from vLLM's plain
+    The grid is built by :mod:`patches_free_hooks.moe_grid_hook` from vLLM's plain
     TP = N MoE; vLLM's own expert-parallel options would build a different one,
     and its CPU path honours ``expert_map`` only for unquantized experts.
     """
-    from patches_free_hooks import moe_grid
+    from patches_free_hooks import moe_grid_hook
 
     keep = f"or use ep=1,tpf={helix.world_size} (experts tensor-parallel over all ranks)"
     if args.enable_expert_parallel or args.enable_eplb:
@@ -352,7 +352,7 @@ def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | N
             f"(fp8, int8, int4, mxfp4) compute with global expert ids and ignore the expert map that places "
             f"1/ep of the experts on each rank, and the model is {quantization}-quantized; {keep}"
         )
-    if not moe_grid.installed():
+    if not moe_grid_hook.installed():
         raise HelixStartupError(
             f"helix ep={helix.ep}: the MoE grid hook is not installed in this process (see the "
             f"'MoE grid unavailable' warning); install the plugin (vllm.general_plugins), {keep}"

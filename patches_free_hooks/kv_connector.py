@@ -48,7 +48,7 @@ from vllm_helix.striping import KVStriping
 from patches_free_hooks.compat import internal
 from patches_free_hooks.engine_helix import engine_helix
 from patches_free_hooks.kv_connector_stats import HelixConnectorStats, HelixPromMetrics
-from patches_free_hooks.kv_layouts import cpu_attn_isa, cpu_attn_layout
+from patches_free_hooks.cpu_block_packing import cpu_attn_isa, cpu_attn_layout
 
 _base = "vllm.distributed.kv_transfer.kv_connector.v1.base"
 KVConnectorBase_V1 = internal(f"{_base}:KVConnectorBase_V1")

@@ -13,7 +13,7 @@ idempotent and inert unless Helix is requested, so it only
   a ``--kv-transfer-config`` names it; :mod:`patches_free_hooks.kv_connector`), and
 * asks Linux for AMX tile state where the CPU has AMX (vLLM's bf16 CPU attention uses
   the tiles without asking, and its workers die of SIGILL; :func:`request_amx_tiles`), and
-* installs the MoE TPF x EP grid (:mod:`patches_free_hooks.moe_grid`): a wrapper
+* installs the MoE TPF x EP grid (:mod:`patches_free_hooks.moe_grid_hook`): a wrapper
   of ``FusedMoEParallelConfig.make`` and an out-of-tree ``UnquantizedFusedMoEMethod``,
   both inert unless the config asks for Helix with ep > 1.
 
@@ -76,10 +76,10 @@ def register() -> None:
     factory = "vllm.distributed.kv_transfer.kv_connector.factory:KVConnectorFactory"
     if CONNECTOR_NAME not in internal(f"{factory}._registry"):
         internal(f"{factory}.register_connector")(CONNECTOR_NAME, "patches_free_hooks.kv_connector", "HelixConnector")
-    from patches_free_hooks import moe_grid
+    from patches_free_hooks import moe_grid_hook
 
     try:
-        moe_grid.install()
+        moe_grid_hook.install()
     except HelixStartupError as err:
         # Helix attention still works; a request with ep > 1 is refused at start-up.
         logger.warning("vllm-helix MoE grid (ep > 1) unavailable: %s", err)

@@ -15,7 +15,7 @@ from vllm_helix.config import HelixConfig
 from vllm_helix.kv_handoff import BlockLayout, rank_tokens, scatter_sequence, tp_kv_heads
 from vllm_helix.kv_store import (MANIFEST, KVFileStore, KVStoreError, StoreConfig, StoreConfigError, default_path,
                                  entry_key, part_file, private_root)
-from vllm_helix.layout import HelixLayout
+from vllm_helix.rank_grid import HelixLayout
 from vllm_helix.striping import KVStriping
 
 ENGINE = {"model": "m", "revision": None, "quantization": None, "dtype": "float32", "kv_cache_dtype": "float32"}

@@ -12,7 +12,7 @@ from vllm_helix.attention.synthetic import (
     shard_decoder,
     shard_for_rank,
 )
-from vllm_helix.layout import HelixLayout
+from vllm_helix.rank_grid import HelixLayout
 
 pytestmark = pytest.mark.gpu
 

@@ -14,7 +14,7 @@ from vllm_helix.attention.synthetic import (
     shard_decoder,
     shard_for_rank,
 )
-from vllm_helix.layout import HelixLayout
+from vllm_helix.rank_grid import HelixLayout
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

@@ -40,7 +40,7 @@ def test_helix_off_is_plain_vllm_serve_with_the_users_own_additional_config() ->
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_preset_loads_names_its_platform_and_passes_serves_rules_there(preset: Path) -> None:
     from vllm_helix.config import load_preset
-    from vllm_helix.planner.layouts import helix_shape
+    from vllm_helix.planner.strategies import helix_shape
     from vllm_helix.planner.model_spec import load_model
     from vllm_helix.serving_rules import Platform, check_layout
 

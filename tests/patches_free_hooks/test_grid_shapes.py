@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pytest
 
-from vllm_helix.moe_grid import grid_position
+from vllm_helix.moe_shards import grid_position
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
@@ -32,7 +32,7 @@ MAX_TOKENS = 8
 LOGPROB_TOL = 1e-3  # as test_generation.py
 GQA = {"block_size": 32}  # rows of 64 (kvp=2) and 128 (kvp=4) tokens
 EXACT_ROPE_KW = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
-E, H, I = 8, 256, 128  # the DeepSeek-V3 twin's routed experts (test_moe_grid.py)
+E, H, I = 8, 256, 128  # the DeepSeek-V3 twin's routed experts (test_moe_grid_hook.py)
 
 
 def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:

@@ -17,7 +17,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 
-from patches_free_hooks import engine_config, moe_grid, plugin  # noqa: E402
+from patches_free_hooks import engine_config, moe_grid_hook, plugin  # noqa: E402
 from patches_free_hooks.compat import HelixStartupError  # noqa: E402
 
 VERSION_MESSAGE = r"supports vLLM >=0\.32,<0\.34 but vLLM 0\.40\.1 is installed"
@@ -30,7 +30,7 @@ def test_an_unsupported_vllm_is_left_alone_and_a_helix_request_is_refused(monkey
     monkeypatch.setattr(vllm, "__version__", "0.40.1")
     monkeypatch.setattr(plugin, "_registered", False)
     monkeypatch.setattr(registry, "register_backend", lambda *a: calls["backend"].append(a))
-    monkeypatch.setattr(moe_grid, "install", lambda: calls["moe"].append(True))
+    monkeypatch.setattr(moe_grid_hook, "install", lambda: calls["moe"].append(True))
     monkeypatch.setattr(plugin.logger, "warning", lambda *a: calls["warning"].append(a[0] % a[1:]))
     monkeypatch.setattr(KVConnectorFactory, "_registry", {})
 
@@ -52,7 +52,7 @@ def test_a_supported_vllm_gets_the_backends_the_connector_and_the_moe_hook(monke
     calls: dict[str, list[Any]] = {"backend": [], "moe": []}
     monkeypatch.setattr(plugin, "_registered", False)
     monkeypatch.setattr(registry, "register_backend", lambda *a: calls["backend"].append(a))
-    monkeypatch.setattr(moe_grid, "install", lambda: calls["moe"].append(True))
+    monkeypatch.setattr(moe_grid_hook, "install", lambda: calls["moe"].append(True))
     monkeypatch.setattr(KVConnectorFactory, "_registry", {})
 
     plugin.register()

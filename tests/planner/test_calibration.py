@@ -13,7 +13,7 @@ from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.fit import (SERVED_LAYOUTS, EnginePoint, fit_engine_costs, non_negative_least_squares,
                                    predicted_step)
 from vllm_helix.planner.hardware_spec import hardware_from_dict, load_hardware
-from vllm_helix.planner.layouts import Layout
+from vllm_helix.planner.strategies import Layout
 from vllm_helix.planner.loads import kv_cache_bytes
 from vllm_helix.planner.model_spec import load_model
 from vllm_helix.planner.precision import Precision

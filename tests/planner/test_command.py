@@ -13,7 +13,7 @@ import pytest
 from vllm_helix.commands.cli import main
 from vllm_helix.planner.command import parse_tokens
 from vllm_helix.planner.errors import PlannerError
-from vllm_helix.planner.layouts import Layout
+from vllm_helix.planner.strategies import Layout
 
 HELIX_COMMAND = re.compile(r"^(VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 )?vllm-helix serve \S+ "
                            r"--helix kvp=\d+,tpa=\d+,tpf=\d+,ep=\d+,hopb=\d+ --max-model-len \d+( --\S+ \S+)*$")

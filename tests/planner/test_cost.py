@@ -12,7 +12,7 @@ from vllm_helix.planner.cost import (TERMS, Workload, max_sequences, memory_per_
                                      scheduler_defaults, step_cost, workspace_bytes)
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import load_hardware
-from vllm_helix.planner.layouts import Layout, layouts_for
+from vllm_helix.planner.strategies import Layout, layouts_for
 from vllm_helix.planner.loads import OpLoad, experts_read
 from vllm_helix.planner.model_spec import ModelSpec, load_model
 from vllm_helix.planner.precision import Precision

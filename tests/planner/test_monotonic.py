@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from vllm_helix.planner.cost import Workload, max_sequences, step_cost
 from vllm_helix.planner.hardware_spec import load_hardware
-from vllm_helix.planner.layouts import Layout, layouts_for
+from vllm_helix.planner.strategies import Layout, layouts_for
 from vllm_helix.planner.model_spec import load_model
 from vllm_helix.planner.precision import Precision
 

@@ -11,7 +11,7 @@ from vllm_helix.config import HelixConfig
 from vllm_helix.planner.cost import Workload
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import load_hardware
-from vllm_helix.planner.layouts import (BASELINES, STRATEGY_LABELS, Layout, helix_shape, attention_tp_valid,
+from vllm_helix.planner.strategies import (BASELINES, STRATEGY_LABELS, Layout, helix_shape, attention_tp_valid,
                                         layouts_for)
 from vllm_helix.planner.model_spec import load_model
 from vllm_helix.planner.pareto import compare, frontier_indices

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_helix.planner.layouts import Layout
+from vllm_helix.planner.strategies import Layout
 from vllm_helix.planner.recommend import PlanPoint
 from vllm_helix.planner.sensitivity import LatencyPoint, sensitivity_text
 

@@ -10,7 +10,7 @@ import pytest
 from vllm_helix.config import HelixConfig, HelixConfigError
 from vllm_helix.commands.cli import main
 from vllm_helix.planner.hardware_spec import load_hardware, preset_names as hardware_presets
-from vllm_helix.planner.layouts import helix_shape
+from vllm_helix.planner.strategies import helix_shape
 from vllm_helix.planner.model_spec import load_model, preset_names as model_presets
 from vllm_helix.serving_rules import Platform, check_layout
 

@@ -24,7 +24,7 @@ from vllm_helix.attention.exchange import KVPExchange
 from vllm_helix.attention.hopb import helix_decode
 from vllm_helix.attention.kernel_choice import Kernel
 from vllm_helix.attention.paged_decode import paged_decode, paged_decode_mla
-from vllm_helix.layout import HelixGroups, HelixLayout, build_helix_groups
+from vllm_helix.rank_grid import HelixGroups, HelixLayout, build_helix_groups
 from vllm_helix.striping import KVStriping
 
 MLA_KV_LORA_RANK = 512

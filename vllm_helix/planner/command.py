@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from vllm_helix.planner.disagg import DisaggregationPlan
     from vllm_helix.planner.hardware_spec import HardwareSpec
-    from vllm_helix.planner.layouts import Layout
+    from vllm_helix.planner.strategies import Layout
     from vllm_helix.planner.model_spec import ModelSpec
     from vllm_helix.planner.recommend import PlanPoint
     from vllm_helix.planner.search import SearchResult
@@ -231,7 +231,7 @@ def _ttl_budget(text: str | None) -> float | None:
 def _helix_layout(spec: str, model: "ModelSpec", hardware: Any) -> Any:
     """The one Layout named by ``--helix``, checked by `vllm-helix serve`'s rules for the hardware's platform."""
     from vllm_helix.config import HelixConfig
-    from vllm_helix.planner.layouts import Layout, helix_shape
+    from vllm_helix.planner.strategies import Layout, helix_shape
     from vllm_helix.serving_rules import check_layout
 
     config = HelixConfig.parse(spec)

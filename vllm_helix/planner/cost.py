@@ -38,7 +38,7 @@ from vllm_helix.planner.calibration import EngineCosts
 from vllm_helix.planner.collectives import GroupPlacement, all_reduce_time, exchange_time, place_group
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
-from vllm_helix.planner.layouts import Layout
+from vllm_helix.planner.strategies import Layout
 from vllm_helix.planner.loads import OpLoad
 from vllm_helix.planner.model_spec import ModelSpec
 from vllm_helix.planner.precision import Precision
@@ -172,7 +172,7 @@ class _Placements:
         n = layout.stage_gpus
         domains = math.ceil(n / hw.gpus_per_domain)
         per_domain = math.ceil(n / domains)  # an instance is spread evenly over its domains
-        if layout.strategy == "helix":  # KVP ranks of a head slice are consecutive (vllm_helix.layout)
+        if layout.strategy == "helix":  # KVP ranks of a head slice are consecutive (vllm_helix.rank_grid)
             exchange = place_group(layout.kvp, 1, per_domain)
         elif layout.strategy == "kvp":  # Medha: TP groups consecutive, KVP groups across them
             exchange = place_group(layout.kvp, layout.tpa, per_domain)

@@ -34,7 +34,7 @@ from vllm_helix.planner.collectives import all_reduce_time, place_group
 from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, Workload, memory_budget, memory_per_gpu
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
-from vllm_helix.planner.layouts import STRATEGIES, Layout, attention_tp_valid
+from vllm_helix.planner.strategies import STRATEGIES, Layout, attention_tp_valid
 from vllm_helix.planner.model_spec import ModelSpec
 from vllm_helix.planner.precision import Precision
 from vllm_helix.planner.recommend import PlanPoint, recommend

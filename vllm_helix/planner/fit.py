@@ -18,7 +18,7 @@ from vllm_helix.planner.calibration import Calibration, EngineCosts, attention_o
 from vllm_helix.planner.cost import StepCost, Workload, step_cost
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
-from vllm_helix.planner.layouts import Layout
+from vllm_helix.planner.strategies import Layout
 from vllm_helix.planner.model_spec import ModelSpec
 from vllm_helix.planner.precision import Precision
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_helix.planner.errors import PlannerError
-from vllm_helix.planner.layouts import BASELINES, HELIX_NO_OVERLAP, STRATEGY_LABELS
+from vllm_helix.planner.strategies import BASELINES, HELIX_NO_OVERLAP, STRATEGY_LABELS
 from vllm_helix.planner.pareto import frontier
 from vllm_helix.planner.recommend import PlanPoint
 from vllm_helix.planner.search import SearchResult

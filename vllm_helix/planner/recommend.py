@@ -21,7 +21,7 @@ import numpy as np
 from vllm_helix.config import HelixConfigError
 from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, scheduler_defaults, scheduler_limits
 from vllm_helix.planner.errors import PlannerError
-from vllm_helix.planner.layouts import HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout, helix_shape
+from vllm_helix.planner.strategies import HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout, helix_shape
 from vllm_helix.planner.search import SearchResult
 from vllm_helix.serving_rules import check_layout
 

@@ -16,7 +16,7 @@ import numpy as np
 from vllm_helix.planner.cost import StepCost, Workload, memory_budget, step_cost
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.hardware_spec import HardwareSpec
-from vllm_helix.planner.layouts import STRATEGIES, Layout, layouts_for
+from vllm_helix.planner.strategies import STRATEGIES, Layout, layouts_for
 from vllm_helix.planner.model_spec import ModelSpec, kv_bytes_per_request
 
 

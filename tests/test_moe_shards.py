@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vllm_helix.moe_grid import GridShard, moe_reference
+from vllm_helix.moe_shards import GridShard, moe_reference
 from vllm_helix.harness.spawn import run_ranks
 
 E, H, I, TOP_K = 8, 64, 128, 2

@@ -9,7 +9,7 @@ pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[
 
 from vllm import _custom_ops as ops  # noqa: E402
 
-from patches_free_hooks.kv_layouts import cpu_attn_isa, cpu_attn_layout  # noqa: E402
+from patches_free_hooks.cpu_block_packing import cpu_attn_isa, cpu_attn_layout  # noqa: E402
 from vllm_helix.kv_handoff import BlockLayout, gather_sequence, scatter_sequence  # noqa: E402
 from vllm_helix.striping import KVStriping  # noqa: E402
 

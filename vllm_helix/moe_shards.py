@@ -15,7 +15,7 @@ has every token.
 
 This module is the layout arithmetic and a reference implementation, free of
 vLLM, used by the multi-process tests and the benchmark; the vLLM hook in
-``patches_free_hooks/moe_grid.py`` builds the same grid inside vLLM's fused MoE.
+``patches_free_hooks/moe_grid_hook.py`` builds the same grid inside vLLM's fused MoE.
 Weight layout follows vLLM's: ``w13 [E, 2I, H]`` (gate rows then up rows) and
 ``w2 [E, H, I]``.
 """
@@ -32,7 +32,7 @@ def grid_position(rank: int, tpf: int, ep: int) -> tuple[int, int]:
     """``(tpf_rank, ep_rank)`` of ``rank`` in a ``tpf x ep`` grid: EP groups of ``tpf`` consecutive ranks.
 
     The one statement of the placement: :class:`GridShard` (the reference) and the
-    vLLM hook (``patches_free_hooks.moe_grid``) both ask it.
+    vLLM hook (``patches_free_hooks.moe_grid_hook``) both ask it.
     """
     if not 0 <= rank < tpf * ep:
         raise ValueError(f"rank {rank} is outside a tpf={tpf} x ep={ep} grid")

@@ -6,7 +6,7 @@ with ``--enable-expert-parallel``, every rank holds whole experts
 (``tp_size = 1, ep_size = N``). Helix wants both at once: rank ``r`` holds the
 experts of EP group ``r // tpf`` and the ``1/tpf`` slice ``r % tpf`` of their
 intermediate dimension, so each rank holds ``1/N`` of the routed-expert weights
-(``vllm_helix.moe_grid.grid_position``, which the plain-torch reference
+(``vllm_helix.moe_shards.grid_position``, which the plain-torch reference
 ``GridShard`` also uses).
 
 Everything else vLLM already does right for that grid, which is why two small
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from vllm_helix.config import HelixConfig
-from vllm_helix.moe_grid import grid_position
+from vllm_helix.moe_shards import grid_position
 
 from patches_free_hooks.compat import HelixStartupError, internal
 from patches_free_hooks.engine_helix import engine_helix

@@ -1,4 +1,4 @@
-"""The MoE TPF x EP grid inside stock vLLM (``patches_free_hooks/moe_grid.py``).
+"""The MoE TPF x EP grid inside stock vLLM (``patches_free_hooks/moe_grid_hook.py``).
 
 Layer level: vLLM's MoE parallel config re-cut into the grid, and vLLM's own CPU
 expert kernel run through the plugin's expert-map path on every rank's shard of
@@ -35,11 +35,11 @@ from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
     cpu_prepack_moe_weight,
 )
 
-from patches_free_hooks import moe_grid
+from patches_free_hooks import moe_grid_hook
 from patches_free_hooks.compat import HelixStartupError
 from patches_free_hooks.engine_config import apply_helix
 from vllm_helix.config import HelixConfig, HelixConfigError
-from vllm_helix.moe_grid import GridShard, moe_reference
+from vllm_helix.moe_shards import GridShard, moe_reference
 
 E, H, I, TOP_K = 8, 256, 128, 2  # the DeepSeek-V3 twin's routed experts
 MAX_TOKENS = 32
@@ -53,7 +53,7 @@ def test_tp_config_is_recut_into_the_grid(tpf: int, ep: int) -> None:
     helix = HelixConfig(kvp=tpf * ep, tpa=1, tpf=tpf, ep=ep)
     for rank in range(tpf * ep):
         tp = dataclasses.replace(FusedMoEParallelConfig.make_no_parallel(), tp_size=tpf * ep, tp_rank=rank)
-        grid = moe_grid.grid_parallel_config(tp, helix)
+        grid = moe_grid_hook.grid_parallel_config(tp, helix)
         assert (grid.tp_size, grid.tp_rank, grid.ep_size, grid.ep_rank) == (tpf, rank % tpf, ep, rank // tpf)
         assert grid.use_ep and not grid.use_all2all_kernels  # tokens stay put; one all-reduce over N
 
@@ -61,7 +61,7 @@ def test_tp_config_is_recut_into_the_grid(tpf: int, ep: int) -> None:
 def test_a_grid_on_anything_but_plain_tp_is_refused() -> None:
     full_ep = dataclasses.replace(FusedMoEParallelConfig.make_no_parallel(), ep_size=2, use_ep=True)
     with pytest.raises(HelixStartupError, match="needs vLLM's plain TP=2 MoE"):
-        moe_grid.grid_parallel_config(full_ep, HelixConfig(kvp=2, tpa=1, tpf=1, ep=2))
+        moe_grid_hook.grid_parallel_config(full_ep, HelixConfig(kvp=2, tpa=1, tpf=1, ep=2))
 
 
 def test_the_hooks_are_installed_once_and_are_inert_without_helix() -> None:
@@ -69,9 +69,9 @@ def test_the_hooks_are_installed_once_and_are_inert_without_helix() -> None:
 
     register()
     make = FusedMoEParallelConfig.make
-    moe_grid.install()
-    assert moe_grid.installed() and FusedMoEParallelConfig.make is make
-    assert moe_grid.helix_grid() is None  # no current vLLM config: vLLM's own make result
+    moe_grid_hook.install()
+    assert moe_grid_hook.installed() and FusedMoEParallelConfig.make is make
+    assert moe_grid_hook.helix_grid() is None  # no current vLLM config: vLLM's own make result
 
 
 def test_the_out_of_tree_method_keeps_vllms_op_name() -> None:
@@ -83,8 +83,8 @@ def test_the_out_of_tree_method_keeps_vllms_op_name() -> None:
     from patches_free_hooks.plugin import register
 
     register()
-    oot = op_registry_oot[moe_grid._METHOD_NAME]
-    assert issubclass(oot, UnquantizedFusedMoEMethod) and oot.__module__ == moe_grid.__name__
+    oot = op_registry_oot[moe_grid_hook._METHOD_NAME]
+    assert issubclass(oot, UnquantizedFusedMoEMethod) and oot.__module__ == moe_grid_hook.__name__
     assert oot.name == UnquantizedFusedMoEMethod.name == "unquantized_fused_moe"
 
 
@@ -96,11 +96,11 @@ def test_a_method_another_plugin_replaced_is_not_replaced_again(monkeypatch: pyt
 
     unwrapped = FusedMoEParallelConfig.make_no_parallel  # any callable without the install mark
     monkeypatch.setattr(FusedMoEParallelConfig, "make", staticmethod(lambda *a, **k: unwrapped()))
-    monkeypatch.setitem(op_registry_oot, moe_grid._METHOD_NAME, OtherPluginsMethod)
+    monkeypatch.setitem(op_registry_oot, moe_grid_hook._METHOD_NAME, OtherPluginsMethod)
     with pytest.raises(HelixStartupError, match=r"another plugin already replaces vLLM's UnquantizedFusedMoEMethod "
                                                  rf"\({re.escape(__name__)}\); the Helix MoE grid cannot be installed"):
-        moe_grid.install()
-    assert not moe_grid.installed() and op_registry_oot[moe_grid._METHOD_NAME] is OtherPluginsMethod
+        moe_grid_hook.install()
+    assert not moe_grid_hook.installed() and op_registry_oot[moe_grid_hook._METHOD_NAME] is OtherPluginsMethod
 
 
 # ------------------------------------------------------------------ CPU experts with an expert map
@@ -134,7 +134,7 @@ def test_cpu_kernel_on_the_grid_sums_to_the_unsharded_kernel(tpf: int, ep: int, 
     ids[0] = torch.tensor([0, 1])  # a token whose experts all live in EP group 0
     weights = torch.rand(tokens, TOP_K, generator=gen)
     full = _run(_experts(CPUUnquantizedExperts, I), x, w13, w2, weights, ids, None)
-    local_cls = moe_grid._local_experts_class(CPUUnquantizedExperts)
+    local_cls = moe_grid_hook._local_experts_class(CPUUnquantizedExperts)
     total = torch.zeros_like(x)
     for rank in range(tpf * ep):
         shard = GridShard(rank, tpf, ep, E, I)
@@ -153,7 +153,7 @@ def _args(model: Path, helix: object, **kwargs: object) -> EngineArgs:
 
 def test_an_ep_layout_on_a_moe_model_is_accepted(twins: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    moe_grid.install()
+    moe_grid_hook.install()
     args = _args(twins["deepseek"], {"kvp": 2, "tpa": 1, "tpf": 1, "ep": 2})
     resolved = apply_helix(args)
     assert resolved is not None and (resolved.tpf, resolved.ep) == (1, 2)
@@ -174,7 +174,7 @@ def test_an_ep_layout_on_a_moe_model_is_accepted(twins: dict[str, Path], monkeyp
 def test_bad_grids_fail_before_anything_starts(twins: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                                model: str, helix: object, kwargs: dict, message: str) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    moe_grid.install()
+    moe_grid_hook.install()
     with pytest.raises(HelixConfigError, match=message):
         apply_helix(_args(twins[model], helix, **kwargs))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_helix.config import HelixConfig
-from vllm_helix.layout import HelixLayout
+from vllm_helix.rank_grid import HelixLayout
 
 
 @pytest.mark.parametrize("kvp, tpa", [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2), (1, 8)])
