@@ -31,6 +31,9 @@ def test_a_servable_layout_passes_for_this_machine_and_for_a_gpu(twins: dict[str
     verdict = check(_argv(twins["llama1"], "--helix", "kvp=2,tpa=1"), Platform.parse("cuda:9.0"))
     assert "CUDA compute capability 9.0" in verdict and "stripe=16" in verdict  # the CUDA backend's block size
     assert check(_argv(twins["llama1"], "--helix", "off"), None).startswith("ok: plain vLLM")
+    for rank, headless in (("0", ()), ("1", ("--headless",))):  # one worker on each of two one-core nodes
+        assert check(_argv(twins["llama1"], "--helix", "kvp=2,tpa=1", "--nnodes", "2", "--node-rank", rank,
+                           "--master-addr", "10.0.0.1", *headless), Platform.parse("cpu:1")).startswith("ok: Helix")
 
 
 @pytest.mark.parametrize(("args", "platform", "message"), [
@@ -39,6 +42,11 @@ def test_a_servable_layout_passes_for_this_machine_and_for_a_gpu(twins: dict[str
     (("--helix", "kvp=2,tpa=2"), "cpu:8", "tpa=2 exceeds the model's 1 KV heads"),
     (("--helix", "off", "--kv-transfer-config", '{"kv_connector": "HelixConnector", "kv_role": "kv_producer", '
       '"kv_connector_extra_config": {"pth": "/x"}}'), None, "unknown HelixConnector option 'pth'"),
+    (("--helix", "kvp=2,tpa=1", "--nnodes", "2", "--node-rank", "1"), "cpu:1",
+     "--node-rank 1 runs workers only: add --headless"),
+    (("--helix", "kvp=2,tpa=1", "--nnodes", "2", "--node-rank", "0", "--headless"), "cpu:1",
+     "--node-rank 0 serves the API: drop --headless"),
+    (("--helix", "kvp=2,tpa=1", "--nnodes", "4"), "cpu:1", "which --nnodes 4 cannot split evenly"),
 ])
 def test_a_command_that_would_not_start_is_refused_with_the_rule(twins: dict[str, Path], args: tuple[str, ...],
                                                                  platform: str | None, message: str,
