@@ -359,9 +359,8 @@ def check_moe_grid_settings(helix: HelixConfig, args: Any, quantization: str | N
         )
 
 
-def check_cpu_cores(world: int, nodes: int = 1) -> None:
-    """vLLM's CPU workers each need a core of their own: ``world / nodes`` of them on this node."""
-    local = world // nodes
+def check_cpu_cores(local: int, nodes: int = 1) -> None:
+    """vLLM's CPU workers each need a core of their own: the ``local`` ones of this node (of ``nodes``)."""
     if local > 1 and not _runnable_world(local):
         where = "" if nodes == 1 else f" on each of {nodes} nodes"
         raise HelixStartupError(
@@ -401,7 +400,7 @@ def apply_helix(args: Any, headless: bool = False) -> HelixConfig | None:
         return None
     check_supported_version()
     local_workers = check_nodes(helix, args, headless)
-    check_cpu_cores(helix.world_size, _nodes(args))
+    check_cpu_cores(local_workers, _nodes(args))
     model_config = args.create_model_config()
     block_size, stripe = resolve_attention(helix, args, model_config)
     shape = model_shape(model_config, block_size)

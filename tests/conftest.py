@@ -41,19 +41,23 @@ def module_seed() -> int:
     return seed
 
 
-@pytest.fixture
-def bind_mount() -> Iterator[Callable[[Path, Path], None]]:
-    """``bind_mount(source, target)``: ``target`` becomes a second mount point of ``source``, the way a
-    decode host sees a store another host writes (skips where this user cannot mount: needs root, as
-    in CI); unmounted at teardown."""
+@pytest.fixture(scope="session")
+def bind_mount() -> Iterator[Callable[..., bool]]:
+    """``bind_mount(source, target, required=True)``: ``target`` becomes a second mount point of
+    ``source``, the way a decode host sees a store another host writes. Where this user cannot mount
+    (needs root, as in CI) the test skips, or, with ``required=False``, the call returns False.
+    Everything mounted is unmounted when the session ends."""
     mounted: list[Path] = []
 
-    def mount(source: Path, target: Path) -> None:
+    def mount(source: Path, target: Path, required: bool = True) -> bool:
         target.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True)
         if done.returncode != 0:
-            pytest.skip(f"a second mount point needs mount rights ({done.stderr.strip()})")
+            if required:
+                pytest.skip(f"a second mount point needs mount rights ({done.stderr.strip()})")
+            return False
         mounted.append(target)
+        return True
 
     yield mount
     for target in reversed(mounted):

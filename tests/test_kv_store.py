@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -204,7 +205,7 @@ def test_a_failed_write_leaves_no_file_and_two_producers_of_one_prompt_publish_o
 
 
 def test_a_store_seen_through_another_mount_reads_what_this_one_wrote(
-        store: KVFileStore, tmp_path: Path, bind_mount, fresh_seed: int) -> None:
+        store: KVFileStore, tmp_path: Path, bind_mount: Callable[..., bool], fresh_seed: int) -> None:
     # a producer host and a decode host mounting one file system at different paths: the entry is
     # found by its key, never by the writer's path, and a save in progress is invisible there
     other_path = tmp_path / "seen-from-the-decode-host"

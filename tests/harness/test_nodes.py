@@ -9,7 +9,7 @@ import pytest
 
 from vllm_helix.commands.serve import vllm_serve_argv
 from vllm_helix.config import HelixConfig
-from vllm_helix.harness import nodes
+from vllm_helix.harness import nodes, server
 
 
 def test_every_node_runs_the_same_engine_with_its_rank_and_node_0_alone_serves(tmp_path: Path) -> None:
@@ -35,6 +35,6 @@ def test_every_node_runs_the_same_engine_with_its_rank_and_node_0_alone_serves(t
 ])
 def test_each_node_binds_its_workers_to_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch, layout: str,
                                                                cores: list[int], bindings: list[str]) -> None:
-    monkeypatch.setattr(nodes.os, "sched_getaffinity", lambda pid: set(cores))
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda pid: set(cores))
     helix = HelixConfig.parse(layout)
     assert [nodes.node_env(helix, 2, rank)["VLLM_CPU_OMP_THREADS_BIND"] for rank in range(2)] == bindings

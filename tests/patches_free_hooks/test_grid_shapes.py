@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 import re
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,8 +48,8 @@ def _transfer(role: str, path: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def shapes(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
-           module_seed: int,
-           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+           module_seed: int, tmp_path_factory: pytest.TempPathFactory,
+           bind_mount: Callable[..., bool]) -> dict[str, Any]:
     loaded, computed = _prompts(module_seed, (70, 200)), _prompts(module_seed + 1, (1, 33, 130))
     root = tmp_path_factory.mktemp("grid-split")
     store = root / "kv"
@@ -58,17 +57,11 @@ def shapes(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], refe
     # the decode side reads the store through a second mount point of the same directory, as a decode
     # host does on a file system both hosts mount (where this user may mount; else the same path)
     seen = root / "seen-from-the-decode-host"
-    seen.mkdir()
-    mounted = subprocess.run(["mount", "--bind", str(store), str(seen)], capture_output=True).returncode == 0
+    mounted = bind_mount(store, seen, required=False)
     gqa4 = _prompts(module_seed + 2, (3, 127, 129, 300))
     mla = _prompts(module_seed + 3, (2, 63, 65, 200))
-    try:
-        split = generate(twins["llama2"], loaded + computed, MAX_TOKENS, **GQA,
-                         **_transfer("kv_consumer", seen if mounted else store),
-                         additional_config={"helix": "kvp=2,tpa=2"})
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(seen)], check=False)
+    split = generate(twins["llama2"], loaded + computed, MAX_TOKENS, **GQA,
+                     **_transfer("kv_consumer", seen if mounted else store), additional_config={"helix": "kvp=2,tpa=2"})
     return {
         "mounted": mounted,
         "kvp=2,tpa=2 (split)": (split, reference(twins["llama2"], loaded + computed, MAX_TOKENS, **GQA)),

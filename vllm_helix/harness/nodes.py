@@ -12,12 +12,11 @@ machines (``vllm-helix plan`` prints the same commands per node for a cluster).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from vllm_helix.config import HelixConfig
-from vllm_helix.harness.server import Server, cpu_env, free_port, serving, vllm_helix_command
+from vllm_helix.harness.server import Server, core_binding, cpu_env, free_port, serving, vllm_helix_command
 
 
 def node_commands(model: str | Path, helix: HelixConfig, nodes: int, master_port: int,
@@ -32,13 +31,9 @@ def node_env(helix: HelixConfig, nodes: int, rank: int) -> dict[str, str]:
     """Node ``rank``'s share of this machine's cores, one range per local worker
     (``VLLM_CPU_OMP_THREADS_BIND``); where there are fewer cores than workers, workers share them
     (correct, not timed)."""
-    cores = sorted(os.sched_getaffinity(0))
     local = helix.world_size // nodes
-    first = rank * local
-    per = max(1, len(cores) // helix.world_size)
-    ranges = [cores[(w * per) % len(cores):(w * per) % len(cores) + per] for w in range(first, first + local)]
-    return {**cpu_env(1), "VLLM_CPU_OMP_THREADS_BIND": "|".join(
-        f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in ranges)}
+    return {**cpu_env(1), "VLLM_CPU_OMP_THREADS_BIND": core_binding(helix.world_size,
+                                                                    range(rank * local, (rank + 1) * local))}
 
 
 @contextlib.contextmanager

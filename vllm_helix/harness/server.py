@@ -22,8 +22,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Sequence
 
 from vllm_helix.harness.machine import cpu_has_amx
@@ -45,13 +45,18 @@ def cpu_env(workers: int) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if workers > 1 and env.get("VLLM_CPU_OMP_THREADS_BIND", "auto") == "auto":
-        cores = sorted(os.sched_getaffinity(0))
-        per = max(1, len(cores) // workers)
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            f"{cores[i * per]}-{cores[(i + 1) * per - 1]}" if per > 1 else str(cores[i % len(cores)])
-            for i in range(workers)
-        )
+        env["VLLM_CPU_OMP_THREADS_BIND"] = core_binding(workers)
     return env
+
+
+def core_binding(workers: int, ranks: Iterable[int] | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` (default: all) of ``workers`` workers sharing this
+    machine's cores evenly: a core range each, or one core each, round robin, where there are fewer
+    cores than workers (correct, not timed)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // workers)
+    return "|".join(f"{cores[i * per]}-{cores[(i + 1) * per - 1]}" if per > 1 else str(cores[i % len(cores)])
+                    for i in (range(workers) if ranks is None else ranks))
 
 
 def kv_cache_tokens(log_text: str) -> int | None:

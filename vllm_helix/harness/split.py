@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from vllm_helix.config import HelixConfig
-from vllm_helix.harness.server import (Server, ServerError, serving, baseline_serve_args, bench_serve, cpu_env, free_port,
-                                       vllm_helix_command)
+from vllm_helix.harness.server import (Server, ServerError, baseline_serve_args, bench_serve, cpu_env, free_port,
+                                       serving, vllm_helix_command)
 from vllm_helix.kv_store import kv_transfer_config
 
 ROUTER_MODULE = "vllm_router.launch_router"  # the `vllm-router` console script's module
