@@ -30,7 +30,7 @@ from typing import Any
 from vllm_helix.config import (ADDITIONAL_CONFIG_KEY, HelixConfig, HelixConfigError, ModelShape, from_additional_config,
                                near_miss_key)
 from vllm_helix.kv_store import CONNECTOR_NAME, StoreConfig, StoreConfigError, private_root
-from vllm_helix.serving_rules import Platform, check_layout, check_platform
+from vllm_helix.serving_rules import Platform, check_kv_cache_dtype, check_layout, check_platform
 
 from patches_free_hooks.compat import HelixStartupError, check_supported_version, internal
 from patches_free_hooks.cuda_attention import plan_cuda_attention
@@ -265,11 +265,10 @@ def check_vllm_settings(helix: HelixConfig, shape: ModelShape, args: Any) -> Non
             "Helix runs one kvp x tpa instance: --pipeline-parallel-size and "
             "--data-parallel-size must be 1 (run several servers behind a router for more)"
         )
-    if args.kv_cache_dtype not in ("auto", None):
-        raise HelixStartupError(
-            f"--kv-cache-dtype {args.kv_cache_dtype} is not supported with Helix; "
-            "drop it (the KV cache uses the model dtype)"
-        )
+    try:
+        check_kv_cache_dtype(args.kv_cache_dtype)
+    except HelixConfigError as err:
+        raise HelixStartupError(str(err)) from None
     if args.speculative_config:
         raise HelixStartupError(
             "speculative decoding is not supported with Helix; drop --speculative-config"

@@ -65,6 +65,24 @@ def check_layout(helix: HelixConfig, shape: ModelShape, platform: Platform, max_
     check_platform(helix, platform)
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str | None, model_dtype: str | None = None) -> None:
+    """Helix serves the KV cache in the model's own dtype, vLLM's ``--kv-cache-dtype auto``.
+
+    Why not fp8: the plugin's CPU backends, the only Helix path that has run, store the cache in
+    the model's dtype, and Helix on CUDA (vLLM's own LSE-returning backends under decode context
+    parallelism) has never run with a quantized cache, so its exactness there is unchecked. The
+    planner therefore prices Helix with this format (``ModelSpec.kv_cache_dtype``, bf16 for
+    DeepSeek-R1's fp8 checkpoint) and serve refuses any other. ``model_dtype``, where known,
+    also lets the model's own dtype be named explicitly.
+    """
+    if kv_cache_dtype in (None, "auto") or (model_dtype is not None and kv_cache_dtype == model_dtype):
+        return
+    own = f" ({model_dtype})" if model_dtype else ""
+    raise HelixConfigError(
+        f"--kv-cache-dtype {kv_cache_dtype} is not supported with Helix: it stores the KV cache in the model's "
+        f"dtype{own}, vLLM's auto; drop it, or serve without Helix for a quantized KV cache")
+
+
 def check_platform(helix: HelixConfig, platform: Platform) -> None:
     """The rules of ``platform`` alone (on CUDA Helix runs on vLLM's backends and exchange, not the plugin's)."""
     if platform.kind == "cuda":

@@ -50,13 +50,15 @@ def test_serve_commands() -> None:
 
 def test_paper_setting_recommends_helix(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _plan(capsys, "--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--weight-dtype",
-                         "fp4", "--ttl-ms", "5", "--json")
+                         "fp4", "--ttl-ms", "15", "--json")
     assert code == 0
     plan = json.loads(out)
     best = plan["best"]
     # GB200 is CUDA: HOP-B runs only in the plugin's CPU backends, so the recommendation is Helix without it
-    assert best["family"] in ("Helix", "Helix (no HOP-B)") and best["ttl_ms"] <= 5
-    assert HELIX_COMMAND.match(best["command"]) and "deepseek-ai/DeepSeek-R1" in best["command"]
+    assert best["family"] in ("Helix", "Helix (no HOP-B)") and best["ttl_ms"] <= 15
+    # priced in fp4, which DeepSeek-R1's fp8 checkpoint is not: the command names the checkpoint it needs
+    assert HELIX_COMMAND.match(best["command"]) and " serve FP4_CHECKPOINT --helix" in best["command"]
+    assert plan["formats"].startswith("weights fp4 (FP4_CHECKPOINT: a checkpoint of the model in fp4")
     assert "hopb=1 " in best["command"] and best["command"].endswith("--max-model-len 1048576")
     # 1M is past DeepSeek-R1's 163,840 positions: vLLM starts it only when told to (the warning says at what risk)
     assert best["command"].startswith("VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 vllm-helix serve ")
@@ -117,7 +119,7 @@ def test_no_point_vllm_would_refuse_to_start(capsys: pytest.CaptureFixture[str])
 
 def test_every_plan_shows_its_headline_against_the_message_latency(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _plan(capsys, "--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--weight-dtype",
-                         "fp4", "--ttl-ms", "5", "--json")
+                         "fp4", "--ttl-ms", "15", "--json")
     plan = json.loads(out)
     rows = plan["latency_sensitivity"]
     assert code == 0 and [r["latency_us"] for r in rows] == pytest.approx([0.5, 1.0, 5.0])

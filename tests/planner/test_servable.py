@@ -12,9 +12,10 @@ from vllm_helix.commands.cli import main
 from vllm_helix.planner.hardware_spec import load_hardware, preset_names as hardware_presets
 from vllm_helix.planner.strategies import helix_shape
 from vllm_helix.planner.model_spec import load_model, preset_names as model_presets
-from vllm_helix.serving_rules import Platform, check_layout
+from vllm_helix.serving_rules import Platform, check_kv_cache_dtype, check_layout
 
 HELIX = re.compile(r"--helix (\S+)")
+KV_CACHE = re.compile(r"--kv-cache-dtype (\S+)")
 
 
 @pytest.mark.parametrize("hardware", hardware_presets())
@@ -39,6 +40,8 @@ def test_every_recommended_and_ranked_command_is_one_serve_accepts(model: str, h
             found = HELIX.search(point["command"] or "")
             if found:
                 check_layout(HelixConfig.parse(found.group(1)), shape, platform)  # raises if serve would refuse
+                kv = KV_CACHE.search(point["command"])
+                check_kv_cache_dtype(kv and kv.group(1))  # the one KV format rule serve applies
                 checked += 1
     if platform.kind == "cuda" and shape.is_mla and plans:
         assert checked > 0  # an MLA model that fits has Helix layouts among the ranked: the check ran

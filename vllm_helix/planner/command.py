@@ -122,7 +122,11 @@ class Plan:
 
     @property
     def model_ref(self) -> str:
-        return self.model.source or self.model.name
+        """What the commands load: the model, or a placeholder for a checkpoint in the priced weight format."""
+        from vllm_helix.planner.formats import checkpoint_placeholder
+
+        placeholder = checkpoint_placeholder(self.model, self.result.workload.precision, self.hardware.platform)
+        return placeholder or self.model.source or self.model.name
 
 
 def calibration_warning(hardware: HardwareSpec, layout: Layout) -> str | None:
@@ -160,10 +164,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     model = load_model(args.model)
     hardware = load_hardware(args.hardware)
     weights = args.weight_dtype or model.dtype
-    precision = Precision(weights, args.kv_dtype or weights, args.compute_dtype or weights, args.act_dtype)
+    # KV: vLLM's default, the model's own dtype, the only one Helix serves (serving_rules.check_kv_cache_dtype)
+    precision = Precision(weights, args.kv_dtype or model.kv_cache_dtype, args.compute_dtype or weights,
+                          args.act_dtype)
     hardware.flop_rate(precision.compute)  # fail early on e.g. fp4 on H100
     work = Workload(parse_tokens(args.context), precision, memory_utilization=args.gpu_memory_utilization)
     warnings = [w for w in (context_warning(model, work.context), machine_warning(hardware)) if w]
+    if precision.kv != model.kv_cache_dtype and "helix" in args.strategies and not args.helix:
+        warnings.append(f"KV cache priced as {precision.kv}: Helix serves only the model's {model.kv_cache_dtype}, "
+                        "so only baselines are recommended; drop --kv-dtype to compare Helix")
     ttl_budget = _ttl_budget(args.ttl_ms)
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     batches = None
@@ -174,7 +183,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise PlannerError(f"--batch {args.batch!r} must be comma-separated integers, e.g. 1,8,64") from None
     gpus = hardware.gpus_per_domain if args.gpus is None else args.gpus
     if args.helix:
-        layout = _helix_layout(args.helix, model, hardware)
+        layout = _helix_layout(args.helix, model, hardware, precision.kv)
         gpus = layout.gpus if args.gpus is None else gpus
         if gpus < layout.gpus:
             raise PlannerError(f"--helix {args.helix} needs {layout.gpus} GPUs but --gpus is {gpus}")
@@ -228,13 +237,14 @@ def _ttl_budget(text: str | None) -> float | None:
     return value / 1e3
 
 
-def _helix_layout(spec: str, model: "ModelSpec", hardware: Any) -> Any:
+def _helix_layout(spec: str, model: "ModelSpec", hardware: Any, kv_dtype: str) -> Any:
     """The one Layout named by ``--helix``, checked by `vllm-helix serve`'s rules for the hardware's platform."""
     from vllm_helix.config import HelixConfig
     from vllm_helix.planner.strategies import Layout, helix_shape
-    from vllm_helix.serving_rules import check_layout
+    from vllm_helix.serving_rules import check_kv_cache_dtype, check_layout
 
     config = HelixConfig.parse(spec)
+    check_kv_cache_dtype(kv_dtype, model.kv_cache_dtype)
     check_layout(config, helix_shape(model), hardware.platform)
     return Layout("helix", tpa=config.tpa, kvp=config.kvp, tpf=config.tpf, ep=config.ep, hopb=config.hopb > 1)
 
@@ -253,12 +263,14 @@ def _serve_lines(point: "PlanPoint", model_ref: str) -> list[str]:
 def plan_json(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     from vllm_helix.planner.disagg import split_commands
     from vllm_helix.planner.energy import energy_of
+    from vllm_helix.planner.formats import formats_text
 
     ref = plan.model_ref
     work = plan.result.workload
     payload: dict[str, Any] = {
         "model": plan.model.name, "hardware": plan.hardware.name, "context": work.context, "gpus": plan.gpus,
         "precision": work.precision.__dict__,
+        "formats": formats_text(plan.model, work.precision, plan.hardware.platform).removeprefix("formats: "),
         "ttl_budget_ms": None if plan.ttl_budget is None else plan.ttl_budget * 1e3,
         "points_priced": plan.result.num_points, "seconds": plan.seconds, "total_seconds": plan.total_seconds,
         "warnings": list(plan.warnings),
@@ -305,6 +317,7 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
     from vllm_helix.planner.sensitivity import sensitivity_text
     from vllm_helix.planner.search import MAX_INSTANCE_GPUS
     from vllm_helix.planner.energy import energy_of
+    from vllm_helix.planner.formats import formats_text
 
     best, work = plan.best, plan.result.workload
     budget = plan.ttl_budget
@@ -339,6 +352,7 @@ def plan_text(plan: Plan, args: argparse.Namespace) -> list[str]:
         f"  memory per GPU: {best.memory_per_gpu / 1e9:.1f} of the {memory_budget(plan.hardware, work) / 1e9:.1f} GB "
         f"vLLM may use ({work.memory_utilization:g} of {plan.hardware.memory_capacity / 1e9:.0f} GB; weights, KV, "
         f"activation workspace and a {plan.hardware.runtime_reserve / 1e9:g} GB runtime reserve)",
+        f"  {formats_text(plan.model, work.precision, plan.hardware.platform)}",
         *_serve_lines(best, plan.model_ref),
     ]
     if plan.sensitivity:

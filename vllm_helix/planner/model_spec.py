@@ -62,7 +62,10 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0
     first_dense_layers: int = 0
     tie_word_embeddings: bool = False
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # the checkpoint's weight format (fp8 for DeepSeek-R1's fp8 checkpoint)
+    # What vLLM's ``--kv-cache-dtype auto`` stores, the only KV format Helix serves: the model's own
+    # dtype (``torch_dtype``), bf16 for DeepSeek-R1 although its weights are fp8.
+    kv_cache_dtype: str = "bf16"
     source: str = ""  # HF id or path: what `vllm-helix serve` is given
     max_position_embeddings: int = 0  # the config's position limit; 0 where it states none
 
@@ -255,6 +258,11 @@ def _config_dtype(config: Mapping[str, Any]) -> str:
     quant = config.get("quantization_config") or {}
     if str(quant.get("quant_method", "")).lower() == "fp8" or str(quant.get("fmt", "")).lower() == "e4m3":
         return "fp8"
+    return _model_dtype(config)
+
+
+def _model_dtype(config: Mapping[str, Any]) -> str:
+    """The model's own dtype (``torch_dtype``): what vLLM computes in and stores the KV cache in by default."""
     raw = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     try:
         return canonical_dtype(raw)
@@ -314,6 +322,7 @@ def spec_from_hf_config(config: Mapping[str, Any], name: str, source: str = "") 
         first_dense_layers=first_dense,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         dtype=_config_dtype(config),
+        kv_cache_dtype=_model_dtype(config),
         source=source,
         max_position_embeddings=position_limit(config),
     )

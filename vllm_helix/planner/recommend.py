@@ -6,7 +6,8 @@ throughput), i.e. the most interactive way to run it. The recommendation is the
 best such point over the layouts a command can serve: Medha-style KVP is a
 baseline with no vLLM mode; a Helix point must pass ``vllm-helix serve``'s own layout
 rules for the hardware's platform (:func:`vllm_helix.serving_rules.check_layout`: e.g.
-no HOP-B on CUDA, ``tpa`` = KV heads when ``kvp > 1``); and "Helix (no HOP-B)" never
+no HOP-B on CUDA, ``tpa`` = KV heads when ``kvp > 1``; and the KV cache in the model's dtype); a
+baseline's KV format must be one vLLM stores; and "Helix (no HOP-B)" never
 beats the same layout with HOP-B where that one is servable (it may choose one
 micro-batch). The points left out stay in the per-strategy table and the plot.
 """
@@ -21,9 +22,10 @@ import numpy as np
 from vllm_helix.config import HelixConfigError
 from vllm_helix.planner.cost import DEFAULT_MEMORY_UTILIZATION, scheduler_defaults, scheduler_limits
 from vllm_helix.planner.errors import PlannerError
+from vllm_helix.planner.formats import kv_cache_flags, kv_cache_refusal, weight_flags
 from vllm_helix.planner.strategies import HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout, helix_shape
 from vllm_helix.planner.search import SearchResult
-from vllm_helix.serving_rules import check_layout
+from vllm_helix.serving_rules import check_kv_cache_dtype, check_layout
 
 
 MASTER_PORT = 29501  # vLLM's default --master-port, printed so every node's command names the same one
@@ -98,9 +100,12 @@ class PlanPoint:
 
 def serve_flags(result: SearchResult, layout: Layout, batch: int) -> tuple[str, ...]:
     """The vLLM options a point needs beyond vLLM's defaults: the context it was priced for
-    (``--max-model-len``), the memory fraction the plan assumed, and scheduler limits raised to
+    (``--max-model-len``), the weight and KV formats (:mod:`vllm_helix.planner.formats`), the memory fraction the plan assumed, and scheduler limits raised to
     the batch (vLLM runs at most ``max_num_seqs``)."""
-    flags = [f"--max-model-len {result.workload.context}"]
+    model, precision = result.model, result.workload.precision
+    flags = [f"--max-model-len {result.workload.context}", *weight_flags(model, precision, result.hardware.platform)]
+    if layout.strategy != "helix":
+        flags += kv_cache_flags(model, precision)
     utilization = result.workload.memory_utilization
     if utilization != DEFAULT_MEMORY_UTILIZATION:
         flags.append(f"--gpu-memory-utilization {utilization:g}")
@@ -181,9 +186,10 @@ def serve_refusal(point: PlanPoint, result: SearchResult) -> str | None:
     if point.layout.strategy == "kvp":
         return "Medha-style KVP has no vLLM mode"
     if point.layout.strategy != "helix":
-        return None
+        return kv_cache_refusal(result.model, result.workload.precision)
     config = point.layout.helix_config(point.micro_batches if point.layout.hopb else 1)
     try:
+        check_kv_cache_dtype(result.workload.precision.kv, result.model.kv_cache_dtype)
         check_layout(config, helix_shape(result.model), result.hardware.platform)
     except HelixConfigError as err:
         return str(err)
