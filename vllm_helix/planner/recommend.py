@@ -224,7 +224,11 @@ def recommend(result: SearchResult, ttl_budget: float | None = None,
     if gpus is not None and ttl_budget is not None:
         candidates.sort(key=lambda p: (-p.tokens_per_s_per_gpu * busy_fraction(p, gpus), p.ttl))
     if not candidates:
-        fastest = _servable(best_points(result), result)[0]
+        servable = _servable(best_points(result), result)
+        if not servable:
+            reasons = sorted({serve_refusal(p, result) or "" for p in best_points(result)} - {""})
+            raise PlannerError("no priced layout can be served: " + "; ".join(reasons))
+        fastest = servable[0]
         raise PlannerError(
             f"no layout reaches TTL <= {ttl_budget * 1e3:.3g} ms; the fastest is "
             f"{fastest.ttl * 1e3:.3g} ms ({fastest.layout.family} {fastest.layout.describe()} on "
