@@ -15,8 +15,8 @@ profiled operations.
 
 Writes ``benchmarks/results/decode_step_profile.{json,md}``.
 
-    .venv/bin/python benchmarks/decode_step_profile.py            # the committed run (~8 min on 2 cores)
-    .venv/bin/python benchmarks/decode_step_profile.py --render-only
+    .venv/bin/python -m benchmarks.decode_step_profile            # the committed run (~8 min on 2 cores)
+    .venv/bin/python -m benchmarks.decode_step_profile --render-only
 """
 
 from __future__ import annotations
@@ -31,44 +31,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from long_context import CONFIGS, run_engine, twin
+from vllm_helix.harness.engine_runs import CONFIGS, run_engine, twin
+from vllm_helix.harness.step_groups import STEP, grouped
 
 RESULTS = Path(__file__).parent / "results"
 PROFILED_STEPS = 8
 POINTS = {"llama_kv1": (4096, 1000000), "deepseek_v3": (4096, 196608)}  # what TP=2 holds: ~1.05M, ~233K
 LAYERS = 2  # both twins
-
-STEP = "execute_context_0(0)_generation_"  # vLLM's annotation of a worker step with decode requests only
-
-# name fragment -> group, first match wins (checked against the operation name)
-GROUPS: tuple[tuple[str, str], ...] = (
-    ("helix/native_kernel", "attention kernel"),  # Helix's C++ per-shard decode (a range around the call)
-    ("helix/", "helix hops (self)"),
-    (STEP, "worker Python between ops"),
-    ("cpu_attention_with_kv_cache", "attention kernel"),  # vLLM's C++ CPU decode (TP)
-    ("mla_decode_kvcache", "attention kernel"),  # vLLM's C++ CPU MLA decode (TP)
-    ("_scaled_dot_product_flash_attention", "attention kernel"),  # torch's flash kernel (Helix prefill)
-    ("cpu_attn_reshape_and_cache", "KV append"),
-    ("concat_and_cache_mla", "KV append"),
-    ("all_gather", "collectives"),
-    ("all_reduce", "collectives"),
-    ("all_to_all", "collectives"),
-    ("gloo", "collectives"),
-    ("c10d", "collectives"),
-    ("shm", "collectives"),
-    ("aten::linear", "linear layers"),
-    ("aten::addmm", "linear layers"),
-    ("aten::mm", "linear layers"),
-    ("onednn", "linear layers"),
-    ("gemm", "linear layers"),
-    ("fused_moe", "MoE experts"),
-)
-
-
-def group_of(name: str) -> str:
-    lowered = name.lower()
-    return next((group for fragment, group in GROUPS if fragment in lowered), "other torch ops")
-
 
 def decode_steps(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """vLLM's annotations of the worker's pure-decode steps, in order."""
@@ -159,14 +128,6 @@ def profile_point(model_name: str, config: str, context: int, args: argparse.Nam
             "ops_ms": per_step, "helix_ms": {k: v / 1000.0 / len(steps) for k, v in helix_inclusive(events).items()}}
 
 
-def grouped(ops_ms: dict[str, float]) -> dict[str, float]:
-    """Self time per step summed by :data:`GROUPS`."""
-    groups: dict[str, float] = defaultdict(float)
-    for name, ms in ops_ms.items():
-        groups[group_of(name)] += ms
-    return dict(groups)
-
-
 def markdown(payload: dict[str, Any]) -> str:
     from vllm_helix.harness.machine import machine_sentence
 
@@ -183,7 +144,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "processing and the hand-offs between processes. The other columns split the worker step by self time "
         "(time in an operation minus the operations it calls): 'worker Python between ops' is the step "
         "annotation's own self time, 'collectives' includes waiting for the other worker inside them. "
-        "Reproduce: `.venv/bin/python benchmarks/decode_step_profile.py`.",
+        "Reproduce: `.venv/bin/python -m benchmarks.decode_step_profile`.",
         "",
     ]
     rows = [{**r, "groups_ms": grouped(r["ops_ms"])} for r in payload["rows"] if "error" not in r]

@@ -12,7 +12,7 @@ test: exchange cost does not grow with context while local attention does, so it
 share falls; HOP-B hides part of what remains. Writes
 ``benchmarks/results/helix_attention_cpu.{json,md}``.
 
-    python benchmarks/helix_attention_cpu.py [--quick]
+    python -m benchmarks.helix_attention_cpu [--quick]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def render_markdown(payload: dict) -> str:
         f"torch {machine_info['torch']}. {machine_info['note']}.",
         f"Batch {settings['batch']}, 16 query heads, head dim 128 (GQA: 4 KV heads; MLA: 512+64 latent). "
         "Times are medians of the slowest rank, in ms. Reproduce: "
-        "`.venv/bin/python benchmarks/helix_attention_cpu.py`.",
+        "`.venv/bin/python -m benchmarks.helix_attention_cpu`.",
         "",
         "| attention | context | kvp | local | exchange+combine | exchange share | helix hopb=1 "
         f"| helix hopb={settings['hopb']} | HOP-B speed-up |",

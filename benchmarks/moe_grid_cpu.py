@@ -11,7 +11,7 @@ Also reported: bytes of expert weights each rank reads for the batch (its local
 experts that received a token, times its intermediate slice), the figure that
 bounds a memory-bound decode step. Writes ``benchmarks/results/moe_grid_cpu.{json,md}``.
 
-    python benchmarks/moe_grid_cpu.py [--quick]
+    python -m benchmarks.moe_grid_cpu [--quick]
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the table gives TPOT per deployment and the per-pair ratio, median and range.
 
 Writes ``benchmarks/results/multi_node.{json,md}``.
 
-    .venv/bin/python benchmarks/multi_node.py        # ~8 min on 2 cores
+    .venv/bin/python -m benchmarks.multi_node        # ~8 min on 2 cores
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vllm_helix.commands.twins import benchmark_twin
+from vllm_helix.twins import benchmark_twin
 from vllm_helix.config import HelixConfig
 from vllm_helix.harness.machine import describe_machine, machine_sentence
 from vllm_helix.harness.nodes import node_env, served_across_nodes

@@ -17,8 +17,8 @@ Writes ``benchmarks/results/planner_validation.{json,md,png}``;
 ``tests/benchmarks/test_planner_validation.py`` recomputes it from the committed
 profile and sweep, so a cost-model change that breaks the fit goes red.
 
-    .venv/bin/python benchmarks/planner_validation.py
-    .venv/bin/python benchmarks/planner_validation.py --run benchmarks/results/runs/<run stamp>
+    .venv/bin/python -m benchmarks.planner_validation
+    .venv/bin/python -m benchmarks.planner_validation --run benchmarks/results/runs/<run stamp>
 
 ``--run`` judges an archived run (its sweep against the ``profile.yaml`` fitted in it); the committed
 page lists every archived run's verdict, against its own fit and against the committed profile.
@@ -33,8 +33,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import long_context
-from measure_hardware import fit_pairs, profile_for, twin_spec
+from vllm_helix.harness.calibration_runs import fit_pairs, twin_spec
+from vllm_helix.harness.pair_stats import crossover, instance_medians, ratios, records_of, tokens_text
+from vllm_helix.host import profile_name
 from vllm_helix.harness.machine import machine_line
 from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, predicted_step
 from vllm_helix.planner.hardware_spec import HARDWARE_PRESET_DIR, HardwareSpec, load_hardware
@@ -71,12 +72,12 @@ def predicted_crossover(hw: HardwareSpec, model: str, batch: int, low: int, high
 
 def crossover_range(sweep: dict[str, Any], model: str, batch: int) -> list[float | None]:
     """The lowest and highest crossover that one engine pair measured on its own (TP=2's instance i against
-    Helix's instance i, ``long_context.ratios(..., instance=i)``): the spread of the measurement itself.
+    Helix's instance i, ``ratios(..., instance=i)``): the spread of the measurement itself.
     ``None`` as the upper end: some pair never crosses within the sweep; ``[None, None]``: none does."""
-    tp, helix = long_context._records(sweep, model)
+    tp, helix = records_of(sweep, model)
     instances = sorted({i for record in (tp, helix) if record for p in record["points"] if "tpot_ms" in p
-                        for i in long_context.instance_medians(p)})
-    found = [long_context.crossover(long_context.ratios(sweep, model, batch, instance)) for instance in instances]
+                        for i in instance_medians(p)})
+    found = [crossover(ratios(sweep, model, batch, instance)) for instance in instances]
     crossed = [c for c in found if c is not None]
     return [min(crossed) if crossed else None, max(crossed) if len(crossed) == len(found) and crossed else None]
 
@@ -98,8 +99,8 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
     crossovers = []
     for model in sorted({r["model"] for r in sweep["records"]}):
         for batch in sweep["settings"]["batches"]:
-            pairs = long_context.ratios(sweep, model, batch)
-            measured = long_context.crossover(pairs)
+            pairs = ratios(sweep, model, batch)
+            measured = crossover(pairs)
             if measured is None or len(pairs) < 2:
                 continue
             predicted = predicted_crossover(hw, model, batch, pairs[0][0], pairs[-1][0])
@@ -125,7 +126,7 @@ def validate(sweep: dict[str, Any], hw: HardwareSpec) -> dict[str, Any]:
 
 
 def _tokens(n: float | None) -> str:
-    return "-" if n is None else long_context._tokens(n)
+    return "-" if n is None else tokens_text(n)
 
 
 def markdown(result: dict[str, Any], other_runs: list[str] | None = None) -> str:
@@ -141,7 +142,7 @@ def markdown(result: dict[str, Any], other_runs: list[str] | None = None) -> str
         f"{machine_line(result['sweep_machine'])}). Predicted = `vllm-helix plan`'s cost model "
         "(`vllm_helix.planner.cost.step_cost`) for the same twin, layout, context and batch; error = predicted / "
         f"measured - 1. Held-out points must be within {TPOT_TOLERANCE:.0%}, crossovers within "
-        f"{CROSSOVER_TOLERANCE:.0%}. Reproduce: `.venv/bin/python benchmarks/planner_validation.py{option}`.",
+        f"{CROSSOVER_TOLERANCE:.0%}. Reproduce: `.venv/bin/python -m benchmarks.planner_validation{option}`.",
         "",
         f"**Held out: {s['held_out_within']} of {s['held_out']} TPOTs within {TPOT_TOLERANCE:.0%}** (mean absolute "
         f"error {s['mean_abs_error_held_out']:.1%}); **crossovers: {s['crossovers_within']} of "
@@ -206,7 +207,7 @@ def crossover_miss_lines(result: dict[str, Any]) -> list[str]:
     for c in result["crossovers"]:
         if c["error"] is not None and abs(c["error"]) <= CROSSOVER_TOLERANCE:
             continue
-        around = ", ".join(f"{r:.2f} at {long_context._tokens(context)}" for context, r in c["measured_ratios"])
+        around = ", ".join(f"{r:.2f} at {tokens_text(context)}" for context, r in c["measured_ratios"])
         low, high = c["measured_range"]
         moved = "" if c["predicted"] is None else f", and that moves the crossover {c['predicted'] / c['measured']:.1f}x"
         lines.append(
@@ -267,7 +268,9 @@ def compute(run: Path = RESULTS, profile: Path | None = None) -> dict[str, Any]:
     sweep = json.loads((run / "long_context.json").read_text())
     if profile is None:
         archived = run / "profile.yaml"
-        profile = archived if archived.exists() else HARDWARE_PRESET_DIR / f"{profile_for(sweep['machine'])}.yaml"
+        machine = sweep["machine"]
+        name = profile_name(machine["cpu"], machine["cores"], machine.get("isa"))
+        profile = archived if archived.exists() else HARDWARE_PRESET_DIR / f"{name}.yaml"
     return {"profile_file": str(profile.resolve().relative_to(ROOT)), "run_dir": str(run.resolve().relative_to(ROOT)),
             **validate(sweep, load_hardware(str(profile)))}
 

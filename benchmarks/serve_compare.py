@@ -13,8 +13,8 @@ this machine's profile (``configs/hardware/cpu-<family>-<cores>core.yaml``, writ
 
 Writes ``benchmarks/results/serve_compare.{json,csv,md,png}``.
 
-    .venv/bin/python benchmarks/serve_compare.py            # the committed run (~12 min on 2 cores)
-    .venv/bin/python benchmarks/serve_compare.py --quick    # smoke run
+    .venv/bin/python -m benchmarks.serve_compare            # the committed run (~12 min on 2 cores)
+    .venv/bin/python -m benchmarks.serve_compare --quick    # smoke run
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from measure_hardware import profile_for
 from vllm_helix.harness.machine import describe_machine, machine_sentence
+from vllm_helix.host import this_machine_profile_name
 from vllm_helix.harness.server import (EXACT_ROPE_FLAGS, Server, ServerError, baseline_engine_kwargs, bench_serve,
                                        cpu_env, engine_flags, vllm_command, vllm_failure, vllm_helix_command)
-from vllm_helix.commands.twins import benchmark_twin as twin
+from vllm_helix.twins import benchmark_twin as twin
 
 RESULTS = Path(__file__).parent / "results"
 METRICS = ("mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_tpot_ms", "p99_tpot_ms",
@@ -116,7 +116,7 @@ def run_config(config: Config, args: argparse.Namespace, log_dir: Path) -> dict[
 
 def predictions(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """``vllm-helix plan`` on the measured CPU profile for the same layouts, contexts and batches."""
-    rows, hardware = [], profile_for(describe_machine())
+    rows, hardware = [], this_machine_profile_name()
     for twin_name in sorted({r["model"] for r in records}):
         model_preset = str(twin(twin_name))  # the planner reads the twin's own config.json
         for strategy, layout in (("helix", "kvp=2,tpa=1"), ("tp", None)):
@@ -174,7 +174,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{s['output_len']} output tokens (ignore EOS), {s['prompts_per_slot']} prompts per concurrency slot; "
         f"offline twins in float32 (bf16 where the configuration says so), `--max-model-len {s['max_model_len']}`, 1 GiB of KV cache per worker "
         "(`VLLM_CPU_KVCACHE_SPACE=1`), one core per worker. Reproduce: "
-        "`.venv/bin/python benchmarks/serve_compare.py` (command lines of every server and bench run are "
+        "`.venv/bin/python -m benchmarks.serve_compare` (command lines of every server and bench run are "
         "in serve_compare.json).",
         "",
         "| model | configuration | KV cache tokens | max concurrency | input | concurrency | TTFT mean ms "
@@ -383,7 +383,7 @@ def main() -> None:
         records.append(run_config(config, args, args.log_dir))
     payload = {
         "date": time.strftime("%Y-%m-%d"), "machine": describe_machine(),
-        "hardware": profile_for(describe_machine()),
+        "hardware": this_machine_profile_name(),
         "settings": {"sweep": args.sweep, "output_len": args.output_len,
                      "prompts_per_slot": args.prompts_per_slot, "max_model_len": args.max_model_len},
         "records": records, "predictions": predictions(records, args),

@@ -12,7 +12,7 @@ prefill server asked directly) for prompts that are and are not multiples of
 Writes ``benchmarks/results/serve_split.{json,md}``. Needs ``vllm-router``
 (``pip install 'vllm-helix[disagg]'``; ``scripts/setup.sh`` installs it).
 
-    .venv/bin/python benchmarks/serve_split.py        # ~6 min on 2 cores
+    .venv/bin/python -m benchmarks.serve_split        # ~6 min on 2 cores
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vllm_helix.commands.twins import benchmark_twin
+from vllm_helix.twins import benchmark_twin
 from vllm_helix.config import HelixConfig
 from vllm_helix.harness.machine import describe_machine, machine_sentence
 from vllm_helix.harness.server import EXACT_ROPE_FLAGS

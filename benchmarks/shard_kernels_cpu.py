@@ -25,7 +25,7 @@ bandwidth (``copy_``, bytes read + written), measured in the same run.
 
 Writes ``benchmarks/results/shard_kernels_cpu.{json,md}``.
 
-    .venv/bin/python benchmarks/shard_kernels_cpu.py [--quick]
+    .venv/bin/python -m benchmarks.shard_kernels_cpu [--quick]
 """
 
 from __future__ import annotations
@@ -130,7 +130,6 @@ def mla_runs(context: int, batch: int, order: str, gen: torch.Generator) -> tupl
     cache = torch.randn(table.numel(), block, LATENT, generator=gen)
     query = torch.randn(batch, HEADS, LATENT, generator=gen)
     lens = torch.full((batch,), context)
-    out = torch.empty(batch, HEADS, KV_LORA_RANK)
 
     def vllm_kernel(heads: int) -> Callable[[], torch.Tensor]:
         head_query, out = query[:, :heads].contiguous(), torch.empty(batch, heads, KV_LORA_RANK)
@@ -176,7 +175,7 @@ def markdown(payload: dict) -> str:
         "keys and values); MLA: latent 512 + 64, absorbed query, 16-token blocks (vLLM's `mla_decode_kvcache` on "
         "the same cache). vLLM's kernels return no LSE; Helix's do. Medians of interleaved repeats; GB/s is KV "
         "bytes read per second; '% read bw' is native's against the read bandwidth. Reproduce: "
-        "`.venv/bin/python benchmarks/shard_kernels_cpu.py`.",
+        "`.venv/bin/python -m benchmarks.shard_kernels_cpu`.",
         "",
         "| kind | shard tokens | batch | blocks | vLLM ms | native ms | flash ms | reference ms | vLLM GB/s | "
         "native GB/s | flash GB/s | native / vLLM speed | native % read bw | vLLM as a TP=2 rank GB/s | "

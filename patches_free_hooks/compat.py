@@ -26,7 +26,9 @@ _MAX_EXCLUSIVE = (0, 34)
 # The only vLLM modules imported directly rather than through internal(); a test keeps this
 # list equal to the imports in patches_free_hooks/ (docs/vllm-touchpoints.md, "not touch-points").
 DIRECT_IMPORTS: dict[str, str] = {
-    "vllm": "__version__, read before anything else could be resolved (the version window)",
+    "vllm": "__version__, read before anything else could be resolved (the version window); LLM and "
+            "SamplingParams, vLLM's public offline API (timed_engine)",
+    "vllm.inputs": "TokensPrompt, vLLM's public prompt type (timed_engine)",
     "vllm.platforms": "current_platform, vLLM's public platform object (is_cpu, is_cuda, capability)",
     "vllm.engine.arg_utils": "EngineArgs, after its create_engine_config was resolved through internal()",
     "vllm.entrypoints.cli.main": "vLLM's own CLI entry point, run by the launcher shim (T19)",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -81,3 +81,26 @@ def _all_ranks_share_memory(communicator: Any, shm: Any) -> bool:
     everyone: list[Any] = [None] * communicator.world_size
     torch.distributed.all_gather_object(everyone, mine, group=communicator.device_group)
     return all(theirs == mine for theirs in everyone) and capable
+
+
+def measured_collectives(name: str, world: int, rank: int) -> tuple[Callable[..., Any], Callable[..., Any], str]:
+    """(all-reduce, all-gather, transport) as vLLM's CPU workers run them between processes of one host,
+    for ``vllm-helix calibrate`` to time (called in each rank after ``torch.distributed`` is up on gloo).
+
+    vLLM's shared-memory ops where its build has them (the set-up calls of its ``_CPUSHMDistributed``),
+    else gloo, which its workers then fall back to. The kernels are loaded as vLLM's platform loads
+    them: importing ``vllm._C`` directly loads the AVX-512 BF16 build, which dies of SIGILL on an
+    AVX2-only CPU.
+    """
+    import torch.distributed as dist
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()  # Platform.import_kernels: the build this CPU runs
+    if not _has_shm_ops():
+        return (lambda data: dist.all_reduce(data),
+                lambda out, data: dist.all_gather_into_tensor(out, data), "gloo")
+    handle = torch.ops._C.init_shm_manager(name, world, rank, torch.get_num_threads())
+    dist.barrier()
+    torch.ops._C.join_shm_manager(handle, name)
+    return (lambda data: torch.ops._C.shm_allreduce(handle, data),
+            lambda out, data: torch.ops._C.shm_all_gather(handle, data, out), "vLLM shm")

@@ -125,8 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _default_twin(arch: str) -> Path:
     """Build (once) the float32 seed-0 twin; twins are deterministic, so reuse is safe."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vllm_helix.commands.twins import make_tiny_model
+    from vllm_helix.twins import make_tiny_model
 
     path = Path(tempfile.gettempdir()) / f"helix-noise-twin-{arch}-f32"
     if not (path / "model.safetensors").exists():

@@ -19,9 +19,22 @@ from typing import Any
 
 import pytest
 
-from vllm_helix.commands.twins import make_tiny_model
+from vllm_helix.twins import make_tiny_model
 from vllm_helix.config import from_additional_config
 from vllm_helix.harness.server import baseline_attention_backend, baseline_engine_kwargs, cpu_env, kv_cache_tokens
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_user_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The planner reads the user's calibrated profiles before the presets (``vllm-helix calibrate``); the
+    suite reads an empty profile directory instead, so a developer's own calibration never changes a test."""
+    previous = os.environ.get("VLLM_HELIX_PROFILE_DIR")
+    os.environ["VLLM_HELIX_PROFILE_DIR"] = str(tmp_path_factory.mktemp("user-profiles"))
+    yield
+    if previous is None:
+        os.environ.pop("VLLM_HELIX_PROFILE_DIR", None)
+    else:
+        os.environ["VLLM_HELIX_PROFILE_DIR"] = previous
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("vllm_helix", "patches_free_hooks")
+SCRIPTS = ("benchmarks", "scripts")  # no cycles there either; the part rules below are the packages'
 
 
 def _module_name(path: Path) -> str:
@@ -36,8 +37,8 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def _graph() -> dict[str, set[str]]:
-    files = {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+def _graph(roots: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    files = {_module_name(p): p for package in roots for p in (ROOT / package).rglob("*.py")}
     modules = set(files)
     # a package's own __init__ is not an edge back from its submodules
     return {name: {m for m in _imports(path, modules) if m != name and not name.startswith(m + ".")}
@@ -67,7 +68,17 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_import_graph_is_acyclic() -> None:
-    assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()) or [])
+    graph = _graph((*PACKAGES, *SCRIPTS))
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_benchmarks_and_scripts_import_nothing_by_path() -> None:
+    """Scripts reach the library through packages (``from benchmarks import long_context``, ``vllm_helix``),
+    never by editing ``sys.path``: an import that works only from one directory is a hidden dependency."""
+    edits = ("sys.path." + "insert", "sys.path." + "append")  # spelled apart: this file is scanned too
+    for root in (*SCRIPTS, "tests"):
+        for path in (ROOT / root).rglob("*.py"):
+            assert not any(edit in path.read_text() for edit in edits), path
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
@@ -92,13 +103,15 @@ def _part(module: str) -> str:
     return "patches_free_hooks" if module.startswith("patches_free_hooks") else "vllm_helix core"
 
 
-# What each part may import besides itself: the core imports no other part; the planner and
-# the harness sit on the core; the commands on all three; the vLLM hooks on the core only.
+# What each part may import besides itself: the core imports no other part; the planner sits
+# on the core; the harness on the core and the planner (the calibration fits the planner's
+# constants to engine runs); the commands on all of them (the CLI is the top: `calibrate` hands
+# vLLM's collectives from the hooks to the harness); the vLLM hooks on the core only.
 MAY_IMPORT = {
     "vllm_helix core": set(),
     "vllm_helix.planner": {"vllm_helix core"},
-    "vllm_helix.harness": {"vllm_helix core"},
-    "vllm_helix.commands": {"vllm_helix core", "vllm_helix.planner", "vllm_helix.harness"},
+    "vllm_helix.harness": {"vllm_helix core", "vllm_helix.planner"},
+    "vllm_helix.commands": {"vllm_helix core", "vllm_helix.planner", "vllm_helix.harness", "patches_free_hooks"},
     "patches_free_hooks": {"vllm_helix core"},
 }
 

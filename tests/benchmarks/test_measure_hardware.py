@@ -4,7 +4,6 @@ stamped by the same run (engines and machine timings replaced by the committed n
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -12,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import long_context  # noqa: E402
-import measure_hardware  # noqa: E402
-import planner_validation  # noqa: E402
+from benchmarks import long_context  # noqa: E402
+from benchmarks import measure_hardware  # noqa: E402
+from benchmarks import planner_validation  # noqa: E402
+from vllm_helix.harness.calibration_runs import DEEPER, fit  # noqa: E402
+from vllm_helix.harness.engine_runs import CONFIGS  # noqa: E402
 from vllm_helix.planner.hardware_spec import hardware_from_dict  # noqa: E402
 
 COMMITTED = measure_hardware.RESULTS
@@ -28,23 +27,7 @@ def _committed_sweep() -> dict:
 
 def _committed_deeper_rows(model: str, config: str) -> list[dict]:
     rows = json.loads((COMMITTED / "calibration.json").read_text())["engine"]
-    return [r for r in rows if r["model"] == model and r["config"] == config and r["layers"] == measure_hardware.DEEPER]
-
-
-def test_the_fit_takes_the_sweeps_short_and_long_points_and_nothing_else() -> None:
-    for record in _committed_sweep()["records"]:
-        rows = measure_hardware.sweep_fit_rows(record)
-        assert {(r["context"], r["batch"]) for r in rows} == measure_hardware.fit_pairs(record["model"])
-        by_pair = {(p["context"], p["batch"]): p for p in record["points"]}
-        for r in rows:
-            assert r["layers"] == 2 and r["tpot_ms"] == by_pair[(r["context"], r["batch"])]["tpot_ms"]
-
-
-def test_a_sweep_without_a_fit_point_is_refused_by_name() -> None:
-    record = copy.deepcopy(_committed_sweep()["records"][0])
-    record["points"] = [p for p in record["points"] if p["context"] != measure_hardware.SHORT_CONTEXT]
-    with pytest.raises(SystemExit, match=r"has no TPOT at \[\(4096, 1\), \(4096, 8\)\]"):
-        measure_hardware.sweep_fit_rows(record)
+    return [r for r in rows if r["model"] == model and r["config"] == config and r["layers"] == DEEPER]
 
 
 def test_one_run_writes_a_profile_the_planner_reads_and_a_sweep_with_the_same_stamp(
@@ -57,11 +40,13 @@ def test_one_run_writes_a_profile_the_planner_reads_and_a_sweep_with_the_same_st
     monkeypatch.setattr(measure_hardware, "measure_memory", lambda repeats: {"copy_bytes_per_s": 20e9,
                                                                             "read_bytes_per_s": 15e9})
     monkeypatch.setattr(measure_hardware, "measure_matmul", lambda dtype, size, repeats: 1e11)
-    monkeypatch.setattr(measure_hardware, "measure_shm", lambda repeats: {
-        op: {"latency_s": 5e-6, "bandwidth_bytes_per_s": 4e9} for op in ("all_reduce", "all_gather")})
-    monkeypatch.setattr(long_context, "measure_twin",
-                        lambda model, args: [records[(model, config)] for config in long_context.CONFIGS])
-    monkeypatch.setattr(measure_hardware, "deeper_rows", lambda model, config, args: _committed_deeper_rows(model, config))
+    monkeypatch.setattr(measure_hardware, "measure_collectives", lambda collectives, repeats: {
+        "transport": "gloo", **{op: {"latency_s": 5e-6, "bandwidth_bytes_per_s": 4e9}
+                                for op in ("all_reduce", "all_gather")}})
+    monkeypatch.setattr(measure_hardware, "measure_twin",
+                        lambda model, args: [records[(model, config)] for config in CONFIGS])
+    monkeypatch.setattr(measure_hardware, "deeper_rows",
+                        lambda model, config, timing: _committed_deeper_rows(model, config))
     monkeypatch.setattr(sys, "argv", ["measure_hardware.py"])
     measure_hardware.main()
 
@@ -74,7 +59,7 @@ def test_one_run_writes_a_profile_the_planner_reads_and_a_sweep_with_the_same_st
     result = planner_validation.validate(written, hw)
     assert len([r for r in result["rows"] if r["role"] == "fit"]) == 12  # 3 sweep points per (twin, layout)
     assert len([r for r in result["rows"] if r["role"] == "held out"]) >= 15
-    refit = measure_hardware.fit(profile, calibration["engine"])  # the profile holds the fit of the rows written
+    refit = fit(profile, calibration["engine"], measure_hardware.SOURCE)  # the profile holds the fit of the rows written
     assert refit == profile["calibration"]
-    deeper = {(r["model"], r["config"]) for r in calibration["engine"] if r["layers"] == measure_hardware.DEEPER}
+    deeper = {(r["model"], r["config"]) for r in calibration["engine"] if r["layers"] == DEEPER}
     assert deeper == set(records)

@@ -76,8 +76,10 @@ def test_engine_flags_spell_engine_keywords_as_cli_flags() -> None:
 def test_machine_records_amx(amx: bool) -> None:
     described = machine.describe_machine()
     assert described["amx"] is amx
-    assert ("(AMX)" if amx else "(no AMX)") in machine.machine_line(described)
-    assert "AMX not recorded" in machine.machine_line({"cpu": "x", "cores": 2})
+    isa = described["isa"]
+    assert isa in ("AVX-512 BF16", "AVX-512", "AVX2", "no AVX2", None)
+    assert (f"({'AMX' if amx else 'no AMX'}{', ' + isa if isa else ''})") in machine.machine_line(described)
+    assert "(AMX not recorded), 2 cores" in machine.machine_line({"cpu": "x", "cores": 2})  # records before the ISA
 
 
 

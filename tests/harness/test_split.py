@@ -78,7 +78,7 @@ def split_record(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     if not router_installed():
         pytest.skip("vllm-router is not installed: pip install 'vllm-helix[disagg]' (scripts/setup.sh does)")
     pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
-    from vllm_helix.commands.twins import make_tiny_model
+    from vllm_helix.twins import make_tiny_model
 
     root = tmp_path_factory.mktemp(f"split-{request.param}")
     model = make_tiny_model(root / "model", request.param, **({"kv_heads": 1} if request.param == "llama" else {}))

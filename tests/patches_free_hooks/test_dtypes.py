@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
-from vllm_helix.commands.twins import make_tiny_model  # noqa: E402
+from vllm_helix.twins import make_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from patches_free_hooks import engine_config  # noqa: E402
 from patches_free_hooks.compat import HelixStartupError  # noqa: E402
 from vllm_helix.config import HelixConfigError  # noqa: E402
 from patches_free_hooks.engine_config import apply_helix  # noqa: E402
-from vllm_helix.commands.twins import make_tiny_model  # noqa: E402
+from vllm_helix.twins import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

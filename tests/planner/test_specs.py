@@ -12,7 +12,7 @@ from vllm_helix.planner.hardware_spec import hardware_from_dict, load_hardware, 
 from vllm_helix.planner.model_spec import load_model, preset_names, spec_from_hf_config
 from vllm_helix.planner.precision import Precision, bytes_per_element
 
-# What transformers 5.19 writes for the tiny DeepSeek-V3 twin (vllm_helix/commands/twins.py dimensions):
+# What transformers 5.19 writes for the tiny DeepSeek-V3 twin (vllm_helix/twins.py dimensions):
 # note the MLA config also carries num_key_value_heads and a head_dim that must be ignored.
 TWIN_DEEPSEEK_V3_CONFIG = {
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "dtype": "float32",
@@ -83,7 +83,7 @@ def test_benchmark_twins_read_like_their_presets(twin: str, preset: str) -> None
     """The calibration and its validation price the benchmark twins through these presets."""
     import dataclasses
 
-    from vllm_helix.commands.twins import BENCHMARK_TWINS, twin_config
+    from vllm_helix.twins import BENCHMARK_TWINS, twin_config
 
     config = {**twin_config(**BENCHMARK_TWINS[twin]).to_dict(), "torch_dtype": "float32"}  # what benchmarks build
     generated = spec_from_hf_config(config, "twin")
@@ -200,6 +200,7 @@ def test_a_cpu_profile_measured_on_another_machine_kind_is_named_in_one_warning(
     assert hardware_spec.machine_warning(load_hardware("h200")) is None  # GPU profiles record no host
     monkeypatch.setattr(hardware_spec, "cpu_model", lambda: "AMD EPYC 7B13")
     monkeypatch.setattr(hardware_spec, "cpu_flags_have_amx", lambda: False)
+    monkeypatch.setattr(hardware_spec, "cpu_vector_isa", lambda: epyc.machine.get("isa"))
     warning = hardware_spec.machine_warning(xeon)
     assert warning.startswith("cpu-xeon-2core was measured on Intel(R) Xeon(R) Processor (AMX), this machine is "
                               "AMD EPYC 7B13 (no AMX)") and "\n" not in warning

@@ -19,7 +19,8 @@ VERBS: dict[str, str] = {
     "demo": "vllm_helix.commands.demo",
     "attention-demo": "vllm_helix.commands.attention_demo",
     "plan": "vllm_helix.planner.command",
-    "make-tiny-model": "vllm_helix.commands.twins",
+    "calibrate": "vllm_helix.commands.calibrate",
+    "make-tiny-model": "vllm_helix.commands.make_tiny_model",
     "serve": "vllm_helix.commands.serve",
     "build-kernel": "vllm_helix.commands.build_kernel",
 }

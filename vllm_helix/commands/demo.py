@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _twin(model_dir: Path) -> Path:
     if (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists():
         return model_dir
-    from vllm_helix.commands.twins import make_tiny_model
+    from vllm_helix.twins import make_tiny_model
 
     print(f"building the DeepSeek-V3 twin in {model_dir} (random weights, local tokenizer) ...", flush=True)
     return make_tiny_model(model_dir, "deepseek_v3")

