@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,10 @@ def test_machine_records_amx(amx: bool) -> None:
     assert isa in ("AVX-512 BF16", "AVX-512", "AVX2", "no AVX2", None)
     assert (f"({'AMX' if amx else 'no AMX'}{', ' + isa if isa else ''})") in machine.machine_line(described)
     assert "(AMX not recorded), 2 cores" in machine.machine_line({"cpu": "x", "cores": 2})  # records before the ISA
+    commit = machine.source_commit()  # this checkout's: results pages name the code that produced them
+    assert commit is None or re.fullmatch(r"[0-9a-f]{4,40}(\+dirty)?", commit)
+    assert described["commit"] == commit
+    assert machine.machine_sentence(described, "2026-01-01").endswith(f"Date 2026-01-01, commit {commit}.")
 
 
 

@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 from importlib.metadata import PackageNotFoundError, version
 
@@ -27,6 +28,22 @@ def cpu_has_amx() -> bool:
     return bool(probe()) if probe is not None else False
 
 
+def source_commit() -> str | None:
+    """The commit of the checkout this package runs from (``abc1234``, ``abc1234+dirty`` with uncommitted
+    changes), so a results page names the code that produced it; None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
+
+
 def describe_machine() -> dict[str, object]:
     """CPU (and whether it has AMX), usable cores, Python and the versions of the packages that matter here."""
     versions = {}
@@ -36,7 +53,7 @@ def describe_machine() -> dict[str, object]:
         except PackageNotFoundError:
             continue
     return {"cpu": cpu_model(), "amx": cpu_has_amx(), "isa": cpu_vector_isa(), "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "versions": versions}
+            "python": platform.python_version(), "versions": versions, "commit": source_commit()}
 
 
 def machine_line(machine: dict[str, object]) -> str:
@@ -50,7 +67,8 @@ def machine_line(machine: dict[str, object]) -> str:
 def machine_sentence(machine: dict[str, object], date: str, note: str = "") -> str:
     """A results file's first line: ``Machine: CPU (AMX), N cores<note>, Python X, versions. Date D.``"""
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())  # type: ignore[union-attr]
-    return f"Machine: {machine_line(machine)}{note}, Python {machine['python']}, {versions}. Date {date}."
+    commit = f", commit {machine['commit']}" if machine.get("commit") else ""
+    return f"Machine: {machine_line(machine)}{note}, Python {machine['python']}, {versions}. Date {date}{commit}."
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
