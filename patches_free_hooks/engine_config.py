@@ -30,7 +30,7 @@ from typing import Any
 from vllm_helix.config import (ADDITIONAL_CONFIG_KEY, HelixConfig, HelixConfigError, ModelShape, from_additional_config,
                                near_miss_key)
 from vllm_helix.kv_store import CONNECTOR_NAME, StoreConfig, StoreConfigError, private_root
-from vllm_helix.serving_rules import Platform, check_kv_cache_dtype, check_layout, check_platform
+from vllm_helix.serving_rules import Platform, check_kv_cache_dtype, check_layout, check_platform, workers_per_node
 
 from patches_free_hooks.compat import HelixStartupError, check_supported_version, internal
 from patches_free_hooks.cuda_attention import plan_cuda_attention
@@ -153,10 +153,10 @@ def check_nodes(helix: HelixConfig, args: Any, headless: bool) -> int:
             raise HelixStartupError(f"--node-rank {rank} needs --nnodes > 1 (this is a one-node engine); "
                                     "drop --node-rank or set --nnodes")
         return world
-    if world % nodes:
-        raise HelixStartupError(
-            f"helix {helix.to_cli()} has {world} workers, which --nnodes {nodes} cannot split evenly; "
-            f"use a layout whose kvp*tpa is a multiple of {nodes}, or --nnodes that divides {world}")
+    try:
+        per_node = workers_per_node(world, nodes)
+    except HelixConfigError as err:
+        raise HelixStartupError(f"helix {helix.to_cli()} with --nnodes {nodes}: {err}") from None
     if not 0 <= rank < nodes:
         raise HelixStartupError(f"--node-rank {rank} is outside 0..{nodes - 1} for --nnodes {nodes}; "
                                 "number the nodes from 0")
@@ -164,7 +164,7 @@ def check_nodes(helix: HelixConfig, args: Any, headless: bool) -> int:
         raise HelixStartupError(f"--node-rank {rank} runs workers only: add --headless (node 0 serves the API)")
     if rank == 0 and headless:
         raise HelixStartupError("--node-rank 0 serves the API: drop --headless on node 0")
-    return world // nodes
+    return per_node
 
 
 def resolve_attention(helix: HelixConfig, args: Any, model_config: Any) -> tuple[int, int]:

@@ -65,6 +65,27 @@ def check_layout(helix: HelixConfig, shape: ModelShape, platform: Platform, max_
     check_platform(helix, platform)
 
 
+def workers_per_node(world: int, nodes: int) -> int:
+    """Workers each node runs when ``world`` workers span ``nodes`` nodes: vLLM's multi-node
+    multiprocessing executor puts ``world / nodes`` consecutive ranks on each, so ``nodes`` must
+    divide ``world`` (serve's start-up checks it; the planner picks node counts by it)."""
+    if nodes < 1 or world % nodes:
+        raise HelixConfigError(f"{world} workers cannot be split evenly over {nodes} nodes; use a layout whose "
+                               f"kvp*tpa is a multiple of {nodes}, or a node count that divides {world}")
+    return world // nodes
+
+
+def nodes_for(world: int, per_node: int) -> int:
+    """The fewest nodes of ``per_node`` workers each that hold ``world`` workers split evenly
+    (:func:`workers_per_node`); ``per_node`` 0: one host holds any layout."""
+    if not per_node or world <= per_node:
+        return 1
+    nodes = -(-world // per_node)
+    while world % nodes:
+        nodes += 1
+    return nodes
+
+
 def check_kv_cache_dtype(kv_cache_dtype: str | None, model_dtype: str | None = None) -> None:
     """Helix serves the KV cache in the model's own dtype, vLLM's ``--kv-cache-dtype auto``.
 

@@ -191,7 +191,7 @@ def test_across_nodes_each_node_counts_its_own_workers_against_its_cores(
 
 
 @pytest.mark.parametrize(("helix", "nodes", "rank", "headless", "message"), [
-    ({"kvp": 2, "tpa": 1}, 3, 0, False, "has 2 workers, which --nnodes 3 cannot split evenly"),
+    ({"kvp": 2, "tpa": 1}, 3, 0, False, "with --nnodes 3: 2 workers cannot be split evenly over 3 nodes"),
     ({"kvp": 2, "tpa": 1}, 2, 2, True, "--node-rank 2 is outside 0..1 for --nnodes 2"),
     ({"kvp": 2, "tpa": 1}, 2, 1, False, "--node-rank 1 runs workers only: add --headless"),
     ({"kvp": 2, "tpa": 1}, 2, 0, True, "--node-rank 0 serves the API: drop --headless"),

@@ -46,7 +46,7 @@ def test_a_servable_layout_passes_for_this_machine_and_for_a_gpu(twins: dict[str
      "--node-rank 1 runs workers only: add --headless"),
     (("--helix", "kvp=2,tpa=1", "--nnodes", "2", "--node-rank", "0", "--headless"), "cpu:1",
      "--node-rank 0 serves the API: drop --headless"),
-    (("--helix", "kvp=2,tpa=1", "--nnodes", "4"), "cpu:1", "which --nnodes 4 cannot split evenly"),
+    (("--helix", "kvp=2,tpa=1", "--nnodes", "4"), "cpu:1", "2 workers cannot be split evenly over 4 nodes"),
 ])
 def test_a_command_that_would_not_start_is_refused_with_the_rule(twins: dict[str, Path], args: tuple[str, ...],
                                                                  platform: str | None, message: str,

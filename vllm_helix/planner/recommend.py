@@ -25,7 +25,7 @@ from vllm_helix.planner.errors import PlannerError
 from vllm_helix.planner.formats import kv_cache_flags, kv_cache_refusal, weight_flags
 from vllm_helix.planner.strategies import HELIX_NO_OVERLAP, STRATEGY_LABELS, Layout, helix_shape
 from vllm_helix.planner.search import SearchResult
-from vllm_helix.serving_rules import check_kv_cache_dtype, check_layout
+from vllm_helix.serving_rules import check_kv_cache_dtype, check_layout, nodes_for
 
 
 MASTER_PORT = 29501  # vLLM's default --master-port, printed so every node's command names the same one
@@ -56,13 +56,9 @@ class PlanPoint:
 
     @property
     def nodes(self) -> int:
-        """Hosts one instance spans: the fewest that hold it and divide its GPUs evenly (vLLM's rule)."""
-        if not self.gpus_per_node or self.layout.gpus <= self.gpus_per_node:
-            return 1
-        nodes = -(-self.layout.gpus // self.gpus_per_node)
-        while self.layout.gpus % nodes:
-            nodes += 1
-        return nodes
+        """Hosts one instance spans: the fewest that hold it and divide its GPUs evenly (vLLM's rule,
+        :func:`vllm_helix.serving_rules.nodes_for`, which serve's start-up checks the same way)."""
+        return nodes_for(self.layout.gpus, self.gpus_per_node)
 
     def node_commands(self, model_ref: str) -> list[tuple[str, str]]:
         """``(which nodes, command)``: one entry on one host; across hosts vLLM's multi-node
