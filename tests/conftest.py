@@ -21,7 +21,8 @@ import pytest
 
 from vllm_helix.twins import make_tiny_model
 from vllm_helix.config import from_additional_config
-from vllm_helix.harness.server import baseline_attention_backend, baseline_engine_kwargs, cpu_env, kv_cache_tokens
+from vllm_helix.harness.server import (EXACT_ROPE_KWARGS, baseline_attention_backend, baseline_engine_kwargs, cpu_env,
+                                       kv_cache_tokens)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -222,6 +223,22 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
     finally:
         for engine in engines.values():
             engine.close()
+
+
+# The plain engine each twin's equality tests compare against (one per twin for the session): GQA twins
+# with 32-token blocks, the DeepSeek twin with PyTorch's rotary (vLLM's CPU kernel mis-indexes MLA).
+REFERENCE_KWARGS: dict[str, dict[str, Any]] = {"llama1": {"block_size": 32}, "llama2": {"block_size": 32},
+                                               "deepseek": EXACT_ROPE_KWARGS}
+
+
+@pytest.fixture(scope="session")
+def plain(reference: Callable[..., dict[str, Any]],
+          twins: dict[str, Path]) -> Callable[..., dict[str, Any]]:
+    """``plain(twin, prompts, max_tokens)``: the results of the twin's one reference engine (``reference``
+    with the twin's :data:`REFERENCE_KWARGS`), so every test compares against the same engine."""
+    def run(twin: str, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+        return reference(twins[twin], prompts, max_tokens, **REFERENCE_KWARGS[twin])
+    return run
 
 
 @pytest.fixture(scope="session")

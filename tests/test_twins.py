@@ -165,8 +165,6 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path: Path, capsys: pytest.Capt
 
 # vLLM's CPU rotary kernel mis-indexes the 3-D strided q/k tensors MLA hands it
 # (see docs/cpu-determinism.md); PyTorch's rotary is exact, so compare with it on.
-PLAIN = {"deepseek": {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}},
-         "llama2": {"block_size": 32}}  # the reference engines the other equality tests use
 
 
 def _transformers_logprobs(hf: torch.nn.Module, prompt: list[int], ids: list[int]) -> torch.Tensor:
@@ -180,13 +178,13 @@ def _transformers_logprobs(hf: torch.nn.Module, prompt: list[int], ids: list[int
 @pytest.mark.slow
 @pytest.mark.parametrize("twin", ["deepseek", "llama2"])
 def test_vllm_loads_the_twin_and_agrees_with_transformers(twin: str, twins: dict[str, Path],
-                                                          reference: Callable[..., dict[str, Any]]) -> None:
+                                                          plain: Callable[..., dict[str, Any]]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = twins[twin]
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [tokenizer("the model of attention")["input_ids"], tokenizer("Hello world")["input_ids"]]
-    sequences = reference(model, prompts, 16, **PLAIN[twin])["results"]
+    sequences = plain(twin, prompts, 16)["results"]  # the engine the other equality tests use
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     for prompt, seq in zip(prompts, sequences):
         assert len(seq["ids"]) == 16 and len(set(seq["ids"])) > 1

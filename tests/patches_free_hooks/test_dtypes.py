@@ -20,12 +20,12 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
+from vllm_helix.harness.server import EXACT_ROPE_KWARGS  # noqa: E402
 from vllm_helix.twins import make_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 8
-EXACT_ROPE_KW = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_bf16_twins_start_and_generate_on_the_decided_backend(
     rng = random.Random(module_seed)
     prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in (3, 40)]
     model = bf16_twins[arch]
-    kwargs: dict[str, Any] = {"dtype": "bfloat16", **(EXACT_ROPE_KW if arch == "deepseek" else {})}
+    kwargs: dict[str, Any] = {"dtype": "bfloat16", **(EXACT_ROPE_KWARGS if arch == "deepseek" else {})}
     if helix:
         kwargs["additional_config"] = {"helix": {"kvp": 2, "tpa": 1}}
     run = generate(model, prompts, MAX_TOKENS, **kwargs)

@@ -8,7 +8,7 @@ many KV blocks in one mixed batch, with 32+ generated tokens. The KV-cache
 capacity vLLM reports must be kvp times that of the same workers without Helix (the
 Llama twin here; the DeepSeek twin's in tests/commands/test_demo.py, whose main job
 compares Helix kvp=2 with TP=2). The plain side is the session's shared reference
-engine (``reference`` in tests/conftest.py).
+engine of the twin (``plain`` in tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
+from vllm_helix.harness.server import EXACT_ROPE_KWARGS  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 32
 LOGPROB_TOL = 1e-3
 # vLLM's C++ CPU rotary kernel mis-indexes MLA's strided q/k (docs/cpu-determinism.md);
-# both sides of every MLA comparison use PyTorch's exact rotary instead.
-EXACT_ROPE_KW = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+# both sides of every MLA comparison use PyTorch's exact rotary instead (EXACT_ROPE_KWARGS).
 
 
 def _prompts(seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
@@ -65,7 +66,7 @@ def _assert_helix_ran(run: dict[str, Any], attention: str, kvp: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], plain: Callable[..., dict[str, Any]],
              module_seed: int) -> dict[str, Any]:
     # 32-token blocks: the 300-token prompt spans 10 blocks (5 per rank).
     prompts = _prompts(module_seed, (1, 3, 31, 33, 130, 300, 64, 2))
@@ -79,7 +80,7 @@ def gqa_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], re
         "helix_preempted": generate(twins["llama1"], prompts, MAX_TOKENS, num_gpu_blocks_override=7,
                                     max_model_len=384,
                                     additional_config={"helix": {"kvp": 2, "tpa": 1}}, **common),
-        "off_tp1": reference(twins["llama1"], prompts, MAX_TOKENS, block_size=32),
+        "off_tp1": plain("llama1", prompts, MAX_TOKENS),
         "off_tp2": generate(twins["llama1"], prompts[:1], 1, tensor_parallel_size=2, **common),
     }
 
@@ -110,14 +111,14 @@ def test_gqa_helix_holds_kvp_times_the_context_of_duplicated_kv(gqa_runs: dict[s
 
 
 @pytest.fixture(scope="module")
-def mla_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+def mla_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], plain: Callable[..., dict[str, Any]],
              module_seed: int) -> dict[str, Any]:
     # 16-token blocks (vLLM's CPU MLA): the 200-token prompt spans 13 blocks.
     prompts = _prompts(module_seed + 1, (1, 2, 15, 17, 48, 200, 5))
     return {
         "helix": generate(twins["deepseek"], prompts, MAX_TOKENS,
-                          additional_config={"helix": {"kvp": 2, "tpa": 1, "hopb": 2}}, **EXACT_ROPE_KW),
-        "off_tp1": reference(twins["deepseek"], prompts, MAX_TOKENS, **EXACT_ROPE_KW),
+                          additional_config={"helix": {"kvp": 2, "tpa": 1, "hopb": 2}}, **EXACT_ROPE_KWARGS),
+        "off_tp1": plain("deepseek", prompts, MAX_TOKENS),
     }
 
 

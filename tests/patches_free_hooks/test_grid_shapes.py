@@ -24,6 +24,7 @@ from typing import Any, Callable
 import pytest
 
 from vllm_helix.moe_shards import grid_position
+from vllm_helix.harness.server import EXACT_ROPE_KWARGS
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
@@ -32,7 +33,6 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 8
 LOGPROB_TOL = 1e-3  # as test_generation.py
 GQA = {"block_size": 32}  # rows of 64 (kvp=2) and 128 (kvp=4) tokens
-EXACT_ROPE_KW = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
 E, H, I = 8, 256, 128  # the DeepSeek-V3 twin's routed experts (test_moe_grid_hook.py)
 
 
@@ -47,7 +47,7 @@ def _transfer(role: str, path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def shapes(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+def shapes(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], plain: Callable[..., dict[str, Any]],
            module_seed: int, tmp_path_factory: pytest.TempPathFactory,
            bind_mount: Callable[..., bool]) -> dict[str, Any]:
     loaded, computed = _prompts(module_seed, (70, 200)), _prompts(module_seed + 1, (1, 33, 130))
@@ -64,14 +64,14 @@ def shapes(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], refe
                      **_transfer("kv_consumer", seen if mounted else store), additional_config={"helix": "kvp=2,tpa=2"})
     return {
         "mounted": mounted,
-        "kvp=2,tpa=2 (split)": (split, reference(twins["llama2"], loaded + computed, MAX_TOKENS, **GQA)),
+        "kvp=2,tpa=2 (split)": (split, plain("llama2", loaded + computed, MAX_TOKENS)),
         "kvp=4,tpa=1": (
             generate(twins["llama1"], gqa4, MAX_TOKENS, **GQA, additional_config={"helix": "kvp=4,tpa=1"}),
-            reference(twins["llama1"], gqa4, MAX_TOKENS, **GQA)),
+            plain("llama1", gqa4, MAX_TOKENS)),
         "mla kvp=4, tpf=2 x ep=2": (
-            generate(twins["deepseek"], mla, MAX_TOKENS, **EXACT_ROPE_KW,
+            generate(twins["deepseek"], mla, MAX_TOKENS, **EXACT_ROPE_KWARGS,
                      additional_config={"helix": "kvp=4,tpa=1,tpf=2,ep=2"}),
-            reference(twins["deepseek"], mla, MAX_TOKENS, **EXACT_ROPE_KW)),
+            plain("deepseek", mla, MAX_TOKENS)),
         "loaded": loaded,
     }
 

@@ -48,13 +48,12 @@ from vllm_helix.kv_store import (DTYPES, MANIFEST, STAGING_PREFIX, KVFileStore, 
 from patches_free_hooks.kv_connector import (HelixConnector, HelixWorkerMetadata, KVConnectorRole,  # noqa: E402
                                              _Placement)
 from vllm_helix.config import from_additional_config  # noqa: E402
+from vllm_helix.harness.server import EXACT_ROPE_KWARGS  # noqa: E402
 from vllm_helix.striping import KVStriping  # noqa: E402
 
 MAX_TOKENS = 12
 LOGPROB_TOL = 1e-3  # the equality tests' tolerance (test_generation.py)
-EXACT_ROPE = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
 # the plain engine every split is compared with (shared with the other modules' equality tests)
-REFERENCE = {"llama1": {"block_size": 32}, "deepseek": EXACT_ROPE}
 # (twin, block size, prompt lengths): 512 is a multiple of block * kvp for both twins, 600 of neither
 TWINS = {"llama1": (128, (512, 600)), "deepseek": (16, (512, 600))}
 # damage done to one prompt's entry each. A missing part is an entry not fully visible yet (the
@@ -134,7 +133,7 @@ def _poison_prefix(store: KVFileStore, key: str, upto: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+def runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], plain: Callable[..., dict[str, Any]],
          tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """One engine per role and twin; each consumer plays a split case and a fault case at once.
 
@@ -145,11 +144,11 @@ def runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], refere
     """
     out: dict[str, dict[str, Any]] = {}
     for name, (block, lengths) in TWINS.items():
-        extra = EXACT_ROPE if name == "deepseek" else {}
+        extra = EXACT_ROPE_KWARGS if name == "deepseek" else {}
         prompts, faults = _prompts(lengths), _prompts((300, 310, 320, 330, 340, 350), seed=11)
         trio = _trio() if name == "llama1" else []
         out[f"{name}/prompts"] = {"base": prompts, "faults": faults, "trio": trio}
-        out[f"{name}/single"] = reference(twins[name], prompts + faults + trio, MAX_TOKENS, **REFERENCE[name])
+        out[f"{name}/single"] = plain(name, prompts + faults + trio, MAX_TOKENS)
         path = tmp_path_factory.mktemp(f"{name}-plain") / "kv"
         producers = 2 if name == "llama1" else 1  # two producers of the same prompts race into one store
         with ThreadPoolExecutor(producers) as pool:

@@ -39,12 +39,12 @@ from patches_free_hooks import moe_grid_hook
 from patches_free_hooks.compat import HelixStartupError
 from patches_free_hooks.engine_config import apply_helix
 from vllm_helix.config import HelixConfig, HelixConfigError
+from vllm_helix.harness.server import EXACT_ROPE_KWARGS
 from vllm_helix.moe_shards import GridShard, moe_reference
 
 E, H, I, TOP_K = 8, 256, 128, 2  # the DeepSeek-V3 twin's routed experts
 MAX_TOKENS = 32
 LOGPROB_TOL = 1e-3
-EXACT_ROPE_KW = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
 
 
 # ------------------------------------------------------------------ parallel config
@@ -186,14 +186,14 @@ def _prompts(seed: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def grid_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], reference: Callable[..., dict[str, Any]],
+def grid_runs(twins: dict[str, Path], generate: Callable[..., dict[str, Any]], plain: Callable[..., dict[str, Any]],
               module_seed: int) -> dict[str, Any]:
     prompts = _prompts(module_seed)
     return {
         "ep2": generate(twins["deepseek"], prompts, MAX_TOKENS,
                         additional_config={"helix": {"kvp": 2, "tpa": 1, "tpf": 1, "ep": 2, "hopb": 2}},
-                        **EXACT_ROPE_KW),
-        "off_tp1": reference(twins["deepseek"], prompts, MAX_TOKENS, **EXACT_ROPE_KW),
+                        **EXACT_ROPE_KWARGS),
+        "off_tp1": plain("deepseek", prompts, MAX_TOKENS),
     }
 
 

@@ -27,19 +27,17 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 12
 LOGPROB_TOL = 1e-3  # as test_generation.py
-EXACT_ROPE_KW = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
 # block_size * kvp: 256 (Llama twin, 128-token blocks), 32 (DeepSeek twin, 16-token blocks)
 LENGTHS = {"llama1": (256, 300, 515), "deepseek": (32, 45, 200)}
 
 
 @pytest.fixture(scope="module", params=list(LENGTHS))
-def across_nodes(request: pytest.FixtureRequest, twins: dict[str, Path], reference: Callable[..., dict[str, Any]],
+def across_nodes(request: pytest.FixtureRequest, twins: dict[str, Path], plain: Callable[..., dict[str, Any]],
                  tmp_path_factory: pytest.TempPathFactory, module_seed: int) -> dict[str, Any]:
     name = request.param
     rng = random.Random(module_seed)
     prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in LENGTHS[name]]
-    plain = reference(twins[name], prompts, MAX_TOKENS,
-                      **(EXACT_ROPE_KW if name == "deepseek" else {"block_size": 32}))["results"]
+    expected = plain(name, prompts, MAX_TOKENS)["results"]
     engine_args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
                    *(EXACT_ROPE_FLAGS if name == "deepseek" else ())]
     log_dir = tmp_path_factory.mktemp(f"nodes-{name}")
@@ -47,7 +45,7 @@ def across_nodes(request: pytest.FixtureRequest, twins: dict[str, Path], referen
                              start_timeout_s=420) as nodes:
         served = [nodes[0].greedy_completion(str(twins[name]), p, MAX_TOKENS) for p in prompts]
         logs = [node.log_text() for node in nodes]
-    return {"name": name, "reference": plain, "served": served, "logs": logs}
+    return {"name": name, "reference": expected, "served": served, "logs": logs}
 
 
 def test_helix_across_two_nodes_equals_one_plain_engine(across_nodes: dict[str, Any]) -> None:

@@ -17,12 +17,11 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM not installed: pip install 'vllm-helix[cpu]'")
 
-from vllm_helix.harness.server import Server, cpu_env, vllm_command, vllm_helix_command  # noqa: E402
+from vllm_helix.harness.server import EXACT_ROPE_FLAGS, Server, cpu_env, vllm_command, vllm_helix_command  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-EXACT_ROPE = json.dumps({"custom_ops": ["all", "-rotary_embedding"]})  # docs/cpu-determinism.md
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def server(twins: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     command = [*vllm_helix_command(), "serve", str(twins["deepseek"]),
                "--helix-config", str(REPO / "configs" / "tiny-deepseek-v3.yaml"),
                "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-               "--compilation-config", EXACT_ROPE]
+               *EXACT_ROPE_FLAGS]
     with Server(command, log, env=cpu_env(1), start_timeout_s=420) as running:
         yield running
 
@@ -43,11 +42,10 @@ def test_server_runs_helix_and_reports_kvp_times_the_capacity(server: Server) ->
 
 
 def test_completions_equal_the_offline_helix_off_engine(
-    server: Server, twins: dict[str, Path], reference: Callable[..., dict[str, Any]]
+    server: Server, twins: dict[str, Path], plain: Callable[..., dict[str, Any]]
 ) -> None:
     prompts = [[(7 * i + 3) % 1900 + 5 for i in range(n)] for n in (1, 40, 150)]
-    expected_results = reference(twins["deepseek"], prompts, 32,
-                                 compilation_config={"custom_ops": ["all", "-rotary_embedding"]})["results"]
+    expected_results = plain("deepseek", prompts, 32)["results"]
     for prompt, expected in zip(prompts, expected_results):
         got = server.greedy_completion(str(twins["deepseek"]), prompt, 32)
         assert got["ids"] == expected["ids"]

@@ -26,7 +26,6 @@ DTYPE = "float32"
 FILL = {"kv_connector": "DecodeBenchConnector", "kv_role": "kv_both",
         "kv_connector_extra_config": {"fill_mean": 0.015, "fill_std": 0.02}}
 # vLLM's CPU rotary kernel is wrong for MLA (docs/cpu-determinism.md); every MLA engine uses PyTorch's.
-EXACT_ROPE = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
 CONFIGS = ("TP=2", "Helix kvp=2")
 # vLLM's CPU MLA prefill (no chunking) needs ~9 GB per worker at 16K tokens: two workers on a 24 GiB
 # machine are OOM-killed (seen 2026-11-30), so the DeepSeek twin is prefilled for real only at 4K.
@@ -54,7 +53,7 @@ def twin(name: str, layers: int = 2) -> Path:
 
 
 def llm_kwargs(model: Path, config: str, max_model_len: int, fill: bool) -> dict[str, Any]:
-    from vllm_helix.harness.server import baseline_engine_kwargs
+    from vllm_helix.harness.server import EXACT_ROPE_KWARGS, baseline_engine_kwargs
 
     kwargs: dict[str, Any] = {"model": str(model), "enforce_eager": True, "seed": 0, "max_model_len": max_model_len,
                               "max_num_seqs": 8, "disable_log_stats": False, "tensor_parallel_size": 2}
@@ -63,7 +62,7 @@ def llm_kwargs(model: Path, config: str, max_model_len: int, fill: bool) -> dict
     else:
         kwargs.update(dtype=DTYPE, additional_config={"helix": {"kvp": 2, "tpa": 1}})
     if "deepseek" in model.name:
-        kwargs.update(EXACT_ROPE)
+        kwargs.update(EXACT_ROPE_KWARGS)
     if fill:
         kwargs["kv_transfer_config"] = FILL
     return kwargs

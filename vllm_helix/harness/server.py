@@ -244,7 +244,8 @@ def bench_serve(base_url: str, model: str | Path, input_len: int, output_len: in
 
 # vLLM's C++ CPU rotary kernel mis-indexes MLA's strided q/k (docs/cpu-determinism.md): servers that
 # are compared token for token use PyTorch's rotary, so a comparison measures Helix, not that bug.
-EXACT_ROPE_FLAGS = ("--compilation-config", json.dumps({"custom_ops": ["all", "-rotary_embedding"]}))
+EXACT_ROPE_KWARGS: dict[str, Any] = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+EXACT_ROPE_FLAGS = ("--compilation-config", json.dumps(EXACT_ROPE_KWARGS["compilation_config"]))
 
 BASELINE_DTYPES = ("float32", "bfloat16", "float16")
 
