@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from vllm_helix.harness.pair_stats import crossover, instance_medians, pair_ratios, ratio, ratios
+from vllm_helix.harness.pair_stats import (crossover, instance_medians, pair_ratios, ratio, ratio_spread, ratios,
+                                         spread, tpot_spread, verdict)
 
 
 def test_crossover_is_log_linear_between_the_points_around_ratio_one() -> None:
@@ -53,3 +54,17 @@ def test_a_sweep_without_sample_instances_is_read_as_equal_runs_per_instance() -
              "instances": 2}
     assert instance_medians(point) == {0: 2.0, 1: 8.0}
     assert instance_medians({"context": 1, "batch": 1, "tpot_ms": 4.0}) == {0: 4.0}
+
+
+def test_tables_show_the_same_statistic_for_tpot_and_ratio_with_their_range() -> None:
+    tp = _timed(4096, [10.0, 10.0, 17.0, 19.0, 12.0, 14.0], [0, 0, 1, 1, 2, 2])  # engines' medians 10, 18, 13
+    helix = _timed(4096, [8.0, 8.0, 14.4, 14.4, 10.4, 10.4], [0, 0, 1, 1, 2, 2])
+    assert tpot_spread(tp) == (13.0, 10.0, 18.0)
+    assert ratio_spread(helix, tp) == pytest.approx((0.8, 0.8, 0.8))
+    assert spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+
+
+def test_a_verdict_is_judged_by_the_pairs_range() -> None:
+    assert verdict(0.55, 0.40, 0.50) == "met"
+    assert verdict(0.55, 0.56, 0.79) == "missed"
+    assert verdict(0.55, 0.50, 0.66) == "within noise"  # some pairs meet it, some do not: more pairs needed

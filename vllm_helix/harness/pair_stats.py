@@ -81,3 +81,27 @@ def crossover(pairs: list[tuple[int, float]]) -> float | None:
 def tokens_text(n: float) -> str:
     """4K, 256K (binary below a million), 1M, 2M (decimal from a million on, as the contexts are chosen)."""
     return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1024:.0f}K"
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of samples: the statistic every results table shows, with its range."""
+    return statistics.median(values), min(values), max(values)
+
+
+def tpot_spread(point: dict[str, Any]) -> tuple[float, float, float]:
+    """A point's TPOT as the median over the engines that timed it (each engine's own median), with the
+    engines' range: the same statistic as :func:`ratio_spread`, so a table's columns agree."""
+    return spread(list(instance_medians(point).values()))
+
+
+def ratio_spread(helix: dict[str, Any], tp: dict[str, Any]) -> tuple[float, float, float]:
+    """Helix / TP as the median over engine pairs, with the pairs' range."""
+    return spread(list(pair_ratios(helix, tp).values()))
+
+
+def verdict(limit: float, low: float, high: float) -> str:
+    """Against a "ratio <= limit" target, by the pairs' range: ``met`` when every pair meets it, ``missed``
+    when none does, ``within noise`` when the range straddles it (more pairs would be needed to say)."""
+    if high <= limit:
+        return "met"
+    return "missed" if low > limit else "within noise"
