@@ -39,6 +39,20 @@ def no_user_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
 
 
 @pytest.fixture
+def fake_machine_rates(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], None]:
+    """``fake_machine_rates(module)``: the machine's measured rates (memory, matmul, the workers' collective)
+    replaced in ``module`` by fixed ones, for tests of what a calibration writes without timing this VM."""
+    def patch(module: Any) -> None:
+        monkeypatch.setattr(module, "measure_memory", lambda repeats: {"copy_bytes_per_s": 20e9,
+                                                                       "read_bytes_per_s": 15e9})
+        monkeypatch.setattr(module, "measure_matmul", lambda dtype, size, repeats: 1e11)
+        monkeypatch.setattr(module, "measure_collectives", lambda collectives, repeats: {
+            "transport": "gloo", **{op: {"latency_s": 5e-6, "bandwidth_bytes_per_s": 4e9}
+                                    for op in ("all_reduce", "all_gather")}})
+    return patch
+
+
+@pytest.fixture
 def fresh_seed(request: pytest.FixtureRequest) -> int:
     """A new seed per run (HELIX_TEST_SEED=N replays one), reported on failure."""
     seed = int(os.environ.get("HELIX_TEST_SEED", random.SystemRandom().randrange(2**31)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -31,18 +32,13 @@ def _committed_deeper_rows(model: str, config: str) -> list[dict]:
 
 
 def test_one_run_writes_a_profile_the_planner_reads_and_a_sweep_with_the_same_stamp(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_machine_rates: Callable[[Any], None]) -> None:
     sweep = _committed_sweep()
     records = {(r["model"], r["config"]): r for r in sweep["records"]}
     for module in (measure_hardware, long_context):
         monkeypatch.setattr(module, "RESULTS", tmp_path)
     monkeypatch.setattr(measure_hardware, "HARDWARE_PRESET_DIR", tmp_path)
-    monkeypatch.setattr(measure_hardware, "measure_memory", lambda repeats: {"copy_bytes_per_s": 20e9,
-                                                                            "read_bytes_per_s": 15e9})
-    monkeypatch.setattr(measure_hardware, "measure_matmul", lambda dtype, size, repeats: 1e11)
-    monkeypatch.setattr(measure_hardware, "measure_collectives", lambda collectives, repeats: {
-        "transport": "gloo", **{op: {"latency_s": 5e-6, "bandwidth_bytes_per_s": 4e9}
-                                for op in ("all_reduce", "all_gather")}})
+    fake_machine_rates(measure_hardware)
     monkeypatch.setattr(measure_hardware, "measure_twin",
                         lambda model, args: [records[(model, config)] for config in CONFIGS])
     monkeypatch.setattr(measure_hardware, "deeper_rows",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -18,14 +19,9 @@ COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "ca
 
 
 @pytest.fixture
-def measured(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+def measured(monkeypatch: pytest.MonkeyPatch, fake_machine_rates: Callable[[Any], None]) -> list[dict]:
     rows = json.loads(COMMITTED.read_text())["engine"]
-    monkeypatch.setattr(machine_rates, "measure_memory", lambda repeats: {"copy_bytes_per_s": 20e9,
-                                                                          "read_bytes_per_s": 15e9})
-    monkeypatch.setattr(machine_rates, "measure_matmul", lambda dtype, size, repeats: 1e11)
-    monkeypatch.setattr(machine_rates, "measure_collectives", lambda collectives, repeats: {
-        "transport": "gloo", **{op: {"latency_s": 5e-6, "bandwidth_bytes_per_s": 4e9}
-                                for op in ("all_reduce", "all_gather")}})
+    fake_machine_rates(machine_rates)
     monkeypatch.setattr(calibration_runs, "fit_point_rows", lambda timing: rows)
     return rows
 

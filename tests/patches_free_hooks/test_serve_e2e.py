@@ -72,20 +72,25 @@ def test_vllm_bench_serve_completes_without_failures(server: Server, twins: dict
     assert result["total_output_tokens"] == 12 * 16
 
 
-@pytest.mark.parametrize(
-    ("model", "helix", "message"),
-    [
-        ("deepseek", "kvp=1,tpa=2", "error: MLA models have one latent KV head, so tpa must be 1 (got tpa=2); "
-                                    "use kvp=2,tpa=1"),
-        ("llama1", "kvp=2,tpa=1,stripe=48", "error: stripe=48 must divide the KV block size 128"),
-    ],
+REFUSALS = (  # (twin, layout, the one line serve prints), refused inside vLLM's server process, before any worker
+    ("deepseek", "kvp=1,tpa=2", "error: MLA models have one latent KV head, so tpa must be 1 (got tpa=2); "
+                                "use kvp=2,tpa=1"),
+    ("llama1", "kvp=2,tpa=1,stripe=48", "error: stripe=48 must divide the KV block size 128"),
 )
-def test_model_dependent_refusals_are_one_line_and_exit_2(twins: dict[str, Path], model: str, helix: str,
-                                                          message: str) -> None:
-    # Refused by the plugin inside vLLM's server process, before any worker: one line, not a traceback.
-    done = subprocess.run([*vllm_helix_command(), "serve", str(twins[model]), "--helix", helix,
-                           "--dtype", "float32", "--port", "1"],
-                          capture_output=True, text=True, timeout=300, env=cpu_env(1))
-    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-2000:]
-    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_model_dependent_refusals_are_one_line_and_exit_2(twins: dict[str, Path]) -> None:
+    # Started side by side: each start is mostly vLLM's import, and the refusal comes before any worker.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def serve(model: str, helix: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*vllm_helix_command(), "serve", str(twins[model]), "--helix", helix,
+                               "--dtype", "float32", "--port", "1"],
+                              capture_output=True, text=True, timeout=300, env=cpu_env(1))
+
+    with ThreadPoolExecutor(len(REFUSALS)) as pool:
+        runs = list(pool.map(lambda case: serve(case[0], case[1]), REFUSALS))
+    for (_, _, message), done in zip(REFUSALS, runs):
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-2000:]
+        assert "Traceback" not in done.stdout + done.stderr
