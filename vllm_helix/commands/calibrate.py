@@ -2,7 +2,7 @@
 
 Measures the machine (memory bandwidth, matmul rates, the collective the workers use) and times
 the fit's engine points only (both twins, TP=2 and Helix kvp=2, 2 and 4 layers: 16 fresh engines
-at the defaults, about 15 minutes on two cores), fits the cost model's engine constants and
+at the defaults, 17.2 minutes on the AVX2 EPYC's two cores), fits the cost model's engine constants and
 writes one profile per machine kind, ``<profile dir>/cpu-<family>-<cores>core.yaml``. The
 profile directory is the user's (``$VLLM_HELIX_PROFILE_DIR``, else
 ``$XDG_CONFIG_HOME/vllm-helix/hardware``, else ``~/.config/vllm-helix/hardware``); a profile
@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-HELP = "measure this machine (CPU) and write the planner profile `plan --hardware this` reads (~15 min)"
+HELP = "measure this machine (CPU) and write the planner profile `plan --hardware this` reads (~17 min)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

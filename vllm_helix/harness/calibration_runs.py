@@ -1,6 +1,6 @@
 """From engine timings to a calibrated planner profile: the points the fit uses, the fit, the profile file.
 
-Shared by ``vllm-helix calibrate`` (the fit's points alone, about 15 minutes on two cores) and
+Shared by ``vllm-helix calibrate`` (the fit's points alone, about 17 minutes on two cores) and
 ``benchmarks/measure_hardware.py`` (the same fit inside the full long-context sweep, which the
 planner's validation then predicts). For each benchmark twin (GQA: the Llama twin; MLA: the
 DeepSeek-V3 twin) and each engine (TP=2: vLLM's own decode path; Helix kvp=2: the plugin's) the

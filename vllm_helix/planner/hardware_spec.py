@@ -145,7 +145,7 @@ def _resolve(ref: str) -> Path:
             return candidate
     if ref == THIS_MACHINE:
         raise PlannerError(f"no profile of this machine kind ({name}) in {user_profile_dir()} or the presets; "
-                           "measure it with `vllm-helix calibrate` (~15 min)")
+                           "measure it with `vllm-helix calibrate` (~17 min)")
     raise PlannerError(f"hardware {ref!r} not found; known presets: {', '.join(preset_names())} "
                        f"(or pass a profile YAML path, or 'this' for this machine's calibrated profile)")
 
