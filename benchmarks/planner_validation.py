@@ -129,7 +129,8 @@ def _tokens(n: float | None) -> str:
     return "-" if n is None else tokens_text(n)
 
 
-def markdown(result: dict[str, Any], other_runs: list[str] | None = None) -> str:
+def markdown(result: dict[str, Any], other_runs: list[str] | None = None,
+             constants: list[str] | None = None) -> str:
     s = result["summary"]
     committed = result["run_dir"] == str(RESULTS.relative_to(ROOT))
     calibration = "[calibration.md](calibration.md)" if committed else "its engine timings in `calibration.json` here"
@@ -196,6 +197,10 @@ def markdown(result: dict[str, Any], other_runs: list[str] | None = None) -> str
         "either TPOT moves it by a large factor, which the spread of the pairs' own crossovers shows.",
         *crossover_miss_lines(result),
         *(["", "## Other runs on this machine kind", "", *other_runs] if other_runs else []),
+        *(["", "## The fitted constants across runs", "",
+           "Each run fits five constants per engine from five points; the per-step and per-layer costs trade "
+           "off against each other (2- and 4-layer twins only), so they move between runs by more than the "
+           "predictions do:", "", *constants] if constants else []),
         "",
         "![predicted against measured TPOT](planner_validation.png)", ""]
     return "\n".join(lines) + "\n"
@@ -294,6 +299,25 @@ def other_run_lines(committed_profile: Path) -> list[str]:
     return lines
 
 
+def constant_spread_lines(committed_profile: Path) -> list[str]:
+    """The fitted constants of the committed profile beside their range over every run's fit (committed and
+    archived): how well five points per engine determine them on this VM."""
+    import yaml
+
+    profiles = [committed_profile, *(run / "profile.yaml" for run in archived_runs() if (run / "profile.yaml").exists())]
+    fits = [yaml.safe_load(path.read_text())["calibration"] for path in profiles]
+    lines = ["| attention | engine | constant | this page's profile | range over the " + str(len(fits)) + " runs' fits |",
+             "|---|---|---|---:|---:|"]
+    for kind in ("gqa", "mla"):
+        for engine in ("vllm", "helix"):
+            for constant in ("step_ms", "layer_ms", "sequence_ms", "sequence_layer_ms", "kv_read_gb_s"):
+                values = [fit[kind][engine][constant] for fit in fits if engine in fit.get(kind, {})]
+                if values:
+                    lines.append(f"| {kind} | {engine} | {constant} | {values[0]:.3f} | "
+                                 f"{min(values):.3f}-{max(values):.3f} |")
+    return lines
+
+
 def _summary(result: dict[str, Any]) -> str:
     s = result["summary"]
     return (f"{s['held_out_within']} of {s['held_out']} held-out TPOTs within {TPOT_TOLERANCE:.0%} (mean "
@@ -311,11 +335,13 @@ def main() -> None:
         parser.error(f"--run {args.run}: expected a directory inside the repository holding long_context.json "
                      "(benchmarks/results, or an archived run under benchmarks/results/runs/)")
     result = compute(args.run)
-    extra = other_run_lines(ROOT / result["profile_file"]) if args.run.resolve() == RESULTS else []
+    committed = args.run.resolve() == RESULTS
+    extra = other_run_lines(ROOT / result["profile_file"]) if committed else []
+    constants = constant_spread_lines(ROOT / result["profile_file"]) if committed else []
     (args.run / "planner_validation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.run / "planner_validation.md").write_text(markdown(result, extra))
+    (args.run / "planner_validation.md").write_text(markdown(result, extra, constants))
     plot(result, args.run / "planner_validation.png")
-    print(markdown(result, extra))
+    print(markdown(result, extra, constants))
 
 
 if __name__ == "__main__":

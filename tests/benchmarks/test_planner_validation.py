@@ -88,3 +88,11 @@ def test_the_profile_was_fitted_in_the_sweeps_own_run(result: dict) -> None:
     assert calibration["run"] == result["sweep_run"], (
         "long_context.json and the profile come from different runs: re-run benchmarks/measure_hardware.py, "
         "which times both")
+
+
+def test_the_page_states_the_spread_of_the_fitted_constants_across_runs() -> None:
+    """Issue 27: the constants' spread over every run's fit stands beside them, computed from the committed
+    profiles (re-run planner_validation.py after a new run is archived)."""
+    page = (validation.RESULTS / "planner_validation.md").read_text()
+    lines = validation.constant_spread_lines(validation.ROOT / "configs" / "hardware" / "cpu-xeon-2core.yaml")
+    assert len(lines) == 2 + 20 and "\n".join(lines) in page
