@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_helix.harness.engine_runs import CONFIGS, run_engine, twin
+from vllm_helix.harness.results_page import render_page, stamped, write_page
 from vllm_helix.harness.step_groups import STEP, grouped
 
 RESULTS = Path(__file__).parent / "results"
@@ -221,22 +222,17 @@ def main() -> None:
     parser.add_argument("--short-only", action="store_true", help="only the 4K points (the fixed cost)")
     args = parser.parse_args()
     if args.render_only:
-        payload = json.loads((RESULTS / "decode_step_profile.json").read_text())
-    else:
-        from vllm_helix.harness.machine import describe_machine
-
-        started = time.monotonic()
-        rows = []
-        for model in args.models.split(","):
-            for context in POINTS[model][:1] if args.short_only else POINTS[model]:
-                for config in CONFIGS:
-                    rows.append(profile_point(model, config, context, args))
-                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "ops_ms"}), flush=True)
-        payload = {"date": time.strftime("%Y-%m-%d"), "machine": describe_machine(), "rows": rows,
-                   "wall_s": round(time.monotonic() - started, 1)}
-        (RESULTS / "decode_step_profile.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "decode_step_profile.md").write_text(markdown(payload))
-    print(markdown(payload))
+        print(render_page(RESULTS, "decode_step_profile", markdown))
+        return
+    started = time.monotonic()
+    rows = []
+    for model in args.models.split(","):
+        for context in POINTS[model][:1] if args.short_only else POINTS[model]:
+            for config in CONFIGS:
+                rows.append(profile_point(model, config, context, args))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "ops_ms"}), flush=True)
+    payload = stamped({"rows": rows, "wall_s": round(time.monotonic() - started, 1)})
+    print(write_page(RESULTS, "decode_step_profile", payload, markdown))
 
 
 if __name__ == "__main__":

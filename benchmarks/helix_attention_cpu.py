@@ -28,6 +28,7 @@ from vllm_helix.attention.hopb import helix_decode
 from vllm_helix.attention.synthetic import HelixCase, ProblemSpec, make_problem, shard_decoder, shard_for_rank
 from vllm_helix.rank_grid import build_helix_groups
 from vllm_helix.harness.machine import describe_machine, machine_line, median_seconds
+from vllm_helix.harness.results_page import render_page, write_page
 from vllm_helix.harness.spawn import run_ranks
 
 RESULTS = Path(__file__).parent / "results"
@@ -113,8 +114,7 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true", help="re-render the table from the JSON")
     args = parser.parse_args()
     if args.render_only:
-        payload = json.loads((RESULTS / "helix_attention_cpu.json").read_text())
-        (RESULTS / "helix_attention_cpu.md").write_text(render_markdown(payload))
+        render_page(RESULTS, "helix_attention_cpu", render_markdown)
         return
     contexts = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
     kinds = {"mla": dict(num_heads=16, num_kv_heads=1, head_dim=128, mla=True),
@@ -133,12 +133,8 @@ def main() -> None:
                 row["hopb_speedup"] = row["helix_hopb1_ms"] / row["helix_hopb_ms"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    RESULTS.mkdir(exist_ok=True)
     payload = {"machine": machine(), "settings": {"batch": args.batch, "hopb": args.hopb}, "rows": rows}
-    (RESULTS / "helix_attention_cpu.json").write_text(json.dumps(payload, indent=2) + "\n")
-    markdown = render_markdown(payload)
-    (RESULTS / "helix_attention_cpu.md").write_text(markdown)
-    print(markdown)
+    print(write_page(RESULTS, "helix_attention_cpu", payload, render_markdown))
 
 
 if __name__ == "__main__":

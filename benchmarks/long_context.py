@@ -30,6 +30,7 @@ from typing import Any
 
 from vllm_helix.harness.pair_stats import (crossover, point_at, ratio_spread, ratios, records_of,
                                          tokens_text, tpot_spread, verdict)
+from vllm_helix.harness.results_page import render_page, write_page
 from vllm_helix.harness.step_groups import grouped
 from vllm_helix.harness.engine_runs import (DTYPE, REAL_PREFILL_MAX, REPEAT_MAX_CONTEXT, measure_twin, parse_sweep,
                                           sweep_arguments)
@@ -281,10 +282,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 
 def write_results(payload: dict[str, Any]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "long_context.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "long_context.md").write_text(markdown(payload))
-    plot(payload, RESULTS / "long_context.png")
+    write_page(RESULTS, "long_context", payload, markdown, plot)
 
 
 def sweep_payload(records: list[dict[str, Any]], args: argparse.Namespace, run: str,
@@ -310,7 +308,7 @@ def main() -> None:
                         help="keep the committed JSON's records of twins not in --models (same machine only)")
     args = parser.parse_args()
     if args.render_only:
-        write_results(json.loads((RESULTS / "long_context.json").read_text()))
+        render_page(RESULTS, "long_context", markdown, plot)
         return
     if args.quick:
         args.models, args.contexts, args.batches = "llama_kv1", "4096,65536", "1"

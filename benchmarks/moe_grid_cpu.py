@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from vllm_helix.harness.machine import describe_machine, machine_line, median_seconds
+from vllm_helix.harness.results_page import write_page
 from vllm_helix.moe_shards import GridShard
 
 RESULTS = Path(__file__).parent / "results"
@@ -110,9 +111,7 @@ def main() -> None:
     settings = {"experts": experts, "top_k": top_k, "hidden": hidden, "intermediate": inter, "dtype": "float32",
                 "repeats": repeats, "kernel": "vLLM cpu_fused_moe (isa vec) via patches_free_hooks.moe_grid_hook"}
     payload = {"machine": machine, "settings": settings, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "moe_grid_cpu.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "moe_grid_cpu.md").write_text(render_markdown(payload))
+    write_page(RESULTS, "moe_grid_cpu", payload, render_markdown)
 
 
 def render_markdown(payload: dict) -> str:

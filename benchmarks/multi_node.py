@@ -31,6 +31,7 @@ from vllm_helix.twins import benchmark_twin
 from vllm_helix.config import HelixConfig
 from vllm_helix.harness.machine import describe_machine, machine_sentence
 from vllm_helix.harness.nodes import node_env, served_across_nodes
+from vllm_helix.harness.results_page import render_page, stamped, write_page
 from vllm_helix.harness.server import Server, bench_serve, cpu_env, vllm_helix_command
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the page from the committed JSON")
     args = parser.parse_args()
     if args.markdown_only:
-        (RESULTS / "multi_node.md").write_text(markdown(json.loads((RESULTS / "multi_node.json").read_text())))
+        render_page(RESULTS, "multi_node", markdown)
         return
     model = benchmark_twin(args.twin)
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
@@ -132,15 +133,11 @@ def main() -> None:
                     raise SystemExit(f"{pair[key]['failed']} requests failed on {nodes} node(s)")
             pairs.append(pair)
     machine, date = describe_machine(), datetime.date.today().isoformat()
-    payload = {"machine": machine, "date": date, "machine_sentence": machine_sentence(machine, date),
-               "twin": args.twin, "layers": layers, "helix": HELIX.to_cli(), "prompts": args.prompts,
+    payload = {"machine_sentence": machine_sentence(machine, date), "twin": args.twin, "layers": layers, "helix": HELIX.to_cli(), "prompts": args.prompts,
                "input_len": args.input_len, "output_len": args.output_len, "node_binding": [
                    node_env(HELIX, 2, rank)["VLLM_CPU_OMP_THREADS_BIND"] for rank in range(2)],
                "pairs": pairs, "summary": summarise(pairs)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "multi_node.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (RESULTS / "multi_node.md").write_text(markdown(payload))
-    print(markdown(payload))
+    print(write_page(RESULTS, "multi_node", stamped(payload, machine), markdown))
 
 
 if __name__ == "__main__":

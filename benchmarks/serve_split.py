@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import random
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from vllm_helix.twins import benchmark_twin
 from vllm_helix.config import HelixConfig
 from vllm_helix.harness.machine import describe_machine, machine_sentence
 from vllm_helix.harness.server import EXACT_ROPE_FLAGS
+from vllm_helix.harness.results_page import stamped, write_page
 from vllm_helix.harness.split import check_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,16 +99,13 @@ def main() -> None:
         records.append(record)
     machine, date = describe_machine(), datetime.date.today().isoformat()
     payload = {
-        "machine": machine, "date": date, "machine_sentence": machine_sentence(machine, date),
+        "machine_sentence": machine_sentence(machine, date),
         "commands": {"prefill": "vllm-helix serve MODEL --helix off --kv-transfer-config PRODUCER_JSON",
                      "decode": f"vllm-helix serve MODEL --helix {helix.to_cli()} --kv-transfer-config CONSUMER_JSON",
                      "router": "vllm-router --vllm-pd-disaggregation --prefill PREFILL_URL --decode DECODE_URL"},
         "records": records,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_split.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (RESULTS / "serve_split.md").write_text(markdown(payload))
-    print(markdown(payload))
+    print(write_page(RESULTS, "serve_split", stamped(payload, machine), markdown))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ Writes ``benchmarks/results/shard_kernels_cpu.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +39,8 @@ from typing import Callable
 import torch
 
 from vllm_helix.attention import paged_decode_mla, paged_extend
-from vllm_helix.harness.machine import describe_machine, machine_sentence
+from vllm_helix.harness.machine import machine_sentence
+from vllm_helix.harness.results_page import stamped, write_page
 
 RESULTS = Path(__file__).parent / "results"
 HEADS, HEAD_DIM, LATENT, KV_LORA_RANK = 8, 64, 576, 512
@@ -256,12 +256,8 @@ def main() -> None:
                         continue  # over 2 GB of cache: the machine has 24 GiB for all kernels' copies
                     rows.append(decode_case(kind, context, batch, order, repeats))
                     print(rows[-1], flush=True)
-    payload = {"date": time.strftime("%Y-%m-%d"), "machine": describe_machine(), "bandwidth": bandwidth,
-               "rows": rows, "reading": reading(rows, bandwidth)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "shard_kernels_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (RESULTS / "shard_kernels_cpu.md").write_text(markdown(payload))
-    print(markdown(payload))
+    payload = stamped({"bandwidth": bandwidth, "rows": rows, "reading": reading(rows, bandwidth)})
+    print(write_page(RESULTS, "shard_kernels_cpu", payload, markdown))
 
 
 if __name__ == "__main__":
