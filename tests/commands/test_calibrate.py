@@ -38,6 +38,8 @@ def test_calibrate_writes_this_machines_profile_where_plan_finds_it(
     assert set(profile["calibration"]) == {"source", "gqa", "mla"}
     assert "over gloo" in path.read_text()  # the header names the collective's transport
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed
+    timings = json.loads((tmp_path / f"{this_machine_profile_name()}.timings.json").read_text())
+    assert timings["engine"] == measured and timings["collectives"]["transport"] == "gloo"  # the fit's inputs
     assert main(["plan", "--model", "tiny-llama", "--hardware", "this", "--context", "64K", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["hardware"] == this_machine_profile_name()

@@ -3,7 +3,8 @@
 Measures the machine (memory bandwidth, matmul rates, the collective the workers use) and times
 the fit's engine points only (both twins, TP=2 and Helix kvp=2, 2 and 4 layers: 16 fresh engines
 at the defaults, 17.2 minutes on the AVX2 EPYC's two cores), fits the cost model's engine constants and
-writes one profile per machine kind, ``<profile dir>/cpu-<family>-<cores>core.yaml``. The
+writes one profile per machine kind, ``<profile dir>/cpu-<family>[-avx2]-<cores>core.yaml``, and beside it
+the timings it was fitted to (``....timings.json``). The
 profile directory is the user's (``$VLLM_HELIX_PROFILE_DIR``, else
 ``$XDG_CONFIG_HOME/vllm-helix/hardware``, else ``~/.config/vllm-helix/hardware``); a profile
 there is found before the presets of the same name, and ``plan --hardware this`` picks it.
@@ -14,6 +15,7 @@ the planner's validation predicts (about an hour).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -70,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     write_profile(path, profile, memory, collectives["transport"], "vllm-helix calibrate", date, line,
                   torch.__version__)
     load_hardware(str(path))  # the planner reads what was written
+    record = path.with_name(f"{name}.timings.json")  # what the constants were fitted to, for a refit or a review
+    record.write_text(json.dumps({"date": date, "machine": machine, "memory": memory, "flops": flops,
+                                  "collectives": collectives, "engine": rows,
+                                  "wall_s": round(time.monotonic() - started, 1)}, indent=2) + "\n")
     print(f"wrote {path} in {(time.monotonic() - started) / 60:.1f} min; "
           f"`vllm-helix plan --hardware this ...` prices with it")
     return 0
