@@ -8,7 +8,8 @@ capacity and maximum concurrency vLLM reports at start-up. Every server is
 stopped at the end, also on failure. Configurations vLLM refuses at start-up
 (vLLM's own DCP on CPU) are recorded with vLLM's message. Next to the
 measurements it prints what ``vllm-helix plan`` predicts for the same layouts on
-this machine's profile (``configs/hardware/cpu-<family>-<cores>core.yaml``, written by
+this machine kind's profile (``--hardware this``: the user's calibrated profile, else
+``configs/hardware/cpu-<family>[-avx2]-<cores>core.yaml``; written by ``vllm-helix calibrate`` or
 ``measure_hardware.py``).
 
 Writes ``benchmarks/results/serve_compare.{json,csv,md,png}``.
@@ -301,22 +302,33 @@ def reading_lines(payload: dict[str, Any]) -> list[str]:
         + ", ".join(f"{r:.2f}x ({m})" for m, r in ttft)
         + ". The GQA twin's prompt runs through the plugin's attention (each rank attends its half of the "
         "cache with torch's flash kernel); the MLA twin's prefill is vLLM's own, the same on both sides.",
-        f"- **Decode.** Helix's TPOT is {min(extra):+.1f} to {max(extra):+.1f} ms per token against TP at every "
-        "point. On these two-layer twins a token's attention is a few milliseconds, and Helix pays per layer "
-        "for a query all-gather and the exchange between two processes that share two cores with vLLM's "
-        "API server and engine core, while its per-shard kernel (torch's flash kernel, one thread) reads a "
-        "byte more slowly than vLLM's C++ decode kernels that TP uses on the full copy. Halving the bytes per "
-        "worker does not make up for that at 4K-16K tokens on one core per worker: Helix's decode advantage "
-        "needs contexts long enough for the KV read to dominate each step, which these machines do not reach.",
-        f"- **The planner** predicts {min(measured_over_predicted):.0f}-{max(measured_over_predicted):.0f}x "
-        "less time per token than measured (best layout of each strategy). Its roofline charges the bytes and "
-        "FLOPs of the model, a few MB for these twins; what the CPU servers spend per token is dominated by "
-        "costs outside any roofline: vLLM's per-step scheduling and sampling in Python, per-layer operator "
-        "overheads, and cross-process synchronisation on oversubscribed cores. The same gap, measured on the "
-        "attention core alone, is in calibration.md. The planner is meant for models whose per-token bytes "
-        "dwarf those overheads (GPU-scale models, long contexts).",
+        f"- **Decode.** Helix's TPOT against TP: {min(extra):+.1f} to {max(extra):+.1f} ms per token; Helix is "
+        f"faster at {sum(e < 0 for e in extra)} of {len(extra)} points. At these 4K-16K-token contexts on "
+        "two-layer twins a token's KV read is a few milliseconds per worker, the size of the per-layer query "
+        "all-gather and exchange Helix pays between two processes that share two cores with vLLM's API "
+        "server and engine core ([decode_step_profile.md](decode_step_profile.md) breaks a step down); "
+        "Helix's decode advantage grows with the context ([long_context.md](long_context.md)).",
+        _planner_line(payload["hardware"], measured_over_predicted),
     ]
     return lines
+
+
+def _planner_line(profile: str, measured_over_predicted: list[float]) -> str:
+    """How the planner's TPOT compares with the measured one, and why, by the kind of profile it used."""
+    from vllm_helix.planner.hardware_spec import load_hardware
+
+    if not measured_over_predicted:
+        return "- **The planner**: no point to compare."
+    span = f"{min(measured_over_predicted):.2f}-{max(measured_over_predicted):.2f}x"
+    if load_hardware(profile).calibration is not None:
+        return (f"- **The planner**, with this machine kind's calibrated profile (`{profile}`): measured TPOT over "
+                f"predicted {span} (best layout of each strategy). Its constants were fitted on the offline engine "
+                "(calibration.md); a server adds its API process and request handling on the same two cores.")
+    return (f"- **The planner**, with a roofline profile (`{profile}`, not calibrated): measured TPOT over "
+            f"predicted {span}. A roofline charges the model's bytes and FLOPs, a few MB for these twins; the "
+            "CPU servers' time per token is dominated by costs outside any roofline (per-step scheduling and "
+            "sampling, per-layer operator overheads, cross-process synchronisation): `vllm-helix calibrate` "
+            "fits them for this machine.")
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
