@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,12 +50,10 @@ from typing import Any
 import torch
 import yaml
 
+from vllm_helix.harness import machine_rates
 from vllm_helix.harness.calibration_runs import (BATCHES, LONG_CONTEXT, SHORT_CONTEXT, Timing, deeper_rows,
-                                                 engine_points, fit, machine_profile, sweep_fit_rows, write_profile)
+                                                 engine_points, fit, measure_machine, sweep_fit_rows, write_profile)
 from vllm_helix.harness.engine_runs import measure_twin, parse_sweep, sweep_arguments
-from vllm_helix.harness.machine import describe_machine, machine_line
-from vllm_helix.harness.machine_rates import measure_collectives, measure_matmul, measure_memory, memory_total_bytes
-from vllm_helix.host import profile_name
 from vllm_helix.planner.fit import predicted_step
 from vllm_helix.planner.hardware_spec import HARDWARE_PRESET_DIR, hardware_from_dict
 
@@ -178,17 +175,15 @@ def main() -> None:
     if unknown or needed:
         parser.error(f"the fit needs twins among {sorted(LONG_CONTEXT)} (got {unknown}) and contexts "
                      f"{SHORT_CONTEXT} and the twin's long point, batches {BATCHES} (missing: {needed})")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
     run, started = time.strftime("%Y-%m-%dT%H:%M:%S"), time.monotonic()
-    memory = measure_memory(7)
-    flops = {"fp32": measure_matmul(torch.float32, 2048, 7), "bf16": measure_matmul(torch.bfloat16, 1024, 7)}
-    shm = measure_collectives(measured_collectives, 200)
-    date, machine = run[:10], describe_machine()
-    name, line = profile_name(str(machine["cpu"]), int(machine["cores"]), machine.get("isa")), machine_line(machine)
-    profile = machine_profile(name, machine, memory, flops, shm, memory_total_bytes(), date, line)
+    date = run[:10]
+    measured = measure_machine(measured_collectives, date)
+    machine, name, line, memory, flops, shm, profile = (measured.machine, measured.name, measured.line,
+                                                        measured.memory, measured.flops, measured.collectives,
+                                                        measured.profile)
     print(json.dumps({"memory": memory, "flops": flops, "shm": shm}), flush=True)
     records, rows = engine_runs(args)
-    memory["copy_bytes_per_s_at_end"] = measure_memory(7)["copy_bytes_per_s"]  # the run's drift, reported
+    memory["copy_bytes_per_s_at_end"] = machine_rates.measure_memory(7)["copy_bytes_per_s"]  # the run's drift, reported
     wall_s = time.monotonic() - started
     sweep = long_context.sweep_payload(records, args, run, wall_s)
     long_context.write_results(sweep)

@@ -39,17 +39,17 @@ def no_user_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
 
 
 @pytest.fixture
-def fake_machine_rates(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], None]:
-    """``fake_machine_rates(module)``: the machine's measured rates (memory, matmul, the workers' collective)
-    replaced in ``module`` by fixed ones, for tests of what a calibration writes without timing this VM."""
-    def patch(module: Any) -> None:
-        monkeypatch.setattr(module, "measure_memory", lambda repeats: {"copy_bytes_per_s": 20e9,
-                                                                       "read_bytes_per_s": 15e9})
-        monkeypatch.setattr(module, "measure_matmul", lambda dtype, size, repeats: 1e11)
-        monkeypatch.setattr(module, "measure_collectives", lambda collectives, repeats: {
-            "transport": "gloo", **{op: {"latency_s": 5e-6, "bandwidth_bytes_per_s": 4e9}
-                                    for op in ("all_reduce", "all_gather")}})
-    return patch
+def fake_machine_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's measured rates (memory, matmul, the workers' collective) replaced by fixed ones in
+    ``vllm_helix.harness.machine_rates``, for tests of what a calibration writes without timing this VM."""
+    from vllm_helix.harness import machine_rates
+
+    monkeypatch.setattr(machine_rates, "measure_memory", lambda repeats: {"copy_bytes_per_s": 20e9,
+                                                                          "read_bytes_per_s": 15e9})
+    monkeypatch.setattr(machine_rates, "measure_matmul", lambda dtype, size, repeats: 1e11)
+    monkeypatch.setattr(machine_rates, "measure_collectives", lambda collectives, repeats: {
+        "transport": "gloo", **{op: {"latency_s": 5e-6, "bandwidth_bytes_per_s": 4e9}
+                                for op in ("all_reduce", "all_gather")}})
 
 
 @pytest.fixture

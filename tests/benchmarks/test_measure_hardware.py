@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 import yaml
@@ -32,13 +31,12 @@ def _committed_deeper_rows(model: str, config: str) -> list[dict]:
 
 
 def test_one_run_writes_a_profile_the_planner_reads_and_a_sweep_with_the_same_stamp(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_machine_rates: Callable[[Any], None]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_machine_rates: None) -> None:
     sweep = _committed_sweep()
     records = {(r["model"], r["config"]): r for r in sweep["records"]}
     for module in (measure_hardware, long_context):
         monkeypatch.setattr(module, "RESULTS", tmp_path)
     monkeypatch.setattr(measure_hardware, "HARDWARE_PRESET_DIR", tmp_path)
-    fake_machine_rates(measure_hardware)
     monkeypatch.setattr(measure_hardware, "measure_twin",
                         lambda model, args: [records[(model, config)] for config in CONFIGS])
     monkeypatch.setattr(measure_hardware, "deeper_rows",

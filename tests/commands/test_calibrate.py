@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 import yaml
 
 from vllm_helix.commands.cli import main
-from vllm_helix.harness import calibration_runs, machine_rates
+from vllm_helix.harness import calibration_runs
 from vllm_helix.host import this_machine_profile_name
 
 COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "calibration.json"
 
 
 @pytest.fixture
-def measured(monkeypatch: pytest.MonkeyPatch, fake_machine_rates: Callable[[Any], None]) -> list[dict]:
+def measured(monkeypatch: pytest.MonkeyPatch, fake_machine_rates: None) -> list[dict]:
     rows = json.loads(COMMITTED.read_text())["engine"]
-    fake_machine_rates(machine_rates)
     monkeypatch.setattr(calibration_runs, "fit_point_rows", lambda timing: rows)
     return rows
 

@@ -33,17 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import sys
 
     import torch
 
-    from vllm_helix.harness.calibration_runs import Timing, fit, fit_point_rows, machine_profile, write_profile
-    from vllm_helix.harness.machine import describe_machine, machine_line
-    from vllm_helix.harness.machine_rates import (measure_collectives, measure_matmul, measure_memory,
-                                                  memory_total_bytes)
     from patches_free_hooks.cpu_collectives import measured_collectives
-    from vllm_helix.host import profile_name
+    from vllm_helix.harness.calibration_runs import Timing, fit, fit_point_rows, measure_machine, write_profile
     from vllm_helix.planner.hardware_spec import load_hardware, user_profile_dir
 
     if args.instances < 1 or args.repeats < 1 or args.output_len < 2:
@@ -55,26 +50,19 @@ def run(args: argparse.Namespace) -> int:
     if find_spec("vllm") is None:
         print("error: calibrate times vLLM engines: install vLLM first (README, 'Install')", file=sys.stderr)
         return 2
-    started = time.monotonic()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    machine = describe_machine()
-    name = profile_name(str(machine["cpu"]), int(machine["cores"]), machine.get("isa"))  # type: ignore[arg-type]
-    date, line = time.strftime("%Y-%m-%d"), machine_line(machine)
-    print(f"calibrating {line} as {name}", flush=True)
-    memory = measure_memory(7)
-    flops = {"fp32": measure_matmul(torch.float32, 2048, 7), "bf16": measure_matmul(torch.bfloat16, 1024, 7)}
-    collectives = measure_collectives(measured_collectives, 200)
-    profile = machine_profile(name, machine, memory, flops, collectives, memory_total_bytes(), date, line)
+    started, date = time.monotonic(), time.strftime("%Y-%m-%d")
+    measured = measure_machine(measured_collectives, date)
+    profile, name = measured.profile, measured.name
     rows = fit_point_rows(Timing(instances=args.instances, repeats=args.repeats, output_len=args.output_len,
                                  log_dir=args.log_dir))
     profile["calibration"] = fit(profile, rows, "vllm-helix calibrate (the fit's engine points only)")
     path = (args.output or user_profile_dir()) / f"{name}.yaml"
-    write_profile(path, profile, memory, collectives["transport"], "vllm-helix calibrate", date, line,
-                  torch.__version__)
+    write_profile(path, profile, measured.memory, measured.collectives["transport"], "vllm-helix calibrate", date,
+                  measured.line, torch.__version__)
     load_hardware(str(path))  # the planner reads what was written
     record = path.with_name(f"{name}.timings.json")  # what the constants were fitted to, for a refit or a review
-    record.write_text(json.dumps({"date": date, "machine": machine, "memory": memory, "flops": flops,
-                                  "collectives": collectives, "engine": rows,
+    record.write_text(json.dumps({"date": date, "machine": measured.machine, "memory": measured.memory,
+                                  "flops": measured.flops, "collectives": measured.collectives, "engine": rows,
                                   "wall_s": round(time.monotonic() - started, 1)}, indent=2) + "\n")
     print(f"wrote {path} in {(time.monotonic() - started) / 60:.1f} min; "
           f"`vllm-helix plan --hardware this ...` prices with it")

@@ -16,7 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vllm_helix.harness.engine_runs import merge_repeats, more_instances, run_engine, twin
+from vllm_helix.harness import machine_rates
+from vllm_helix.harness.engine_runs import REPEAT_MAX_CONTEXT, merge_repeats, more_instances, run_engine, twin
+from vllm_helix.harness.machine import describe_machine, machine_line
+from vllm_helix.harness.machine_rates import Collectives
+from vllm_helix.host import profile_name
 from vllm_helix.planner.calibration import attention_of, engine_of
 from vllm_helix.planner.fit import SERVED_LAYOUTS, EnginePoint, fit_engine_costs
 from vllm_helix.planner.hardware_spec import hardware_from_dict
@@ -64,9 +68,9 @@ def sweep_fit_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
 def timed_rows(name: str, config: str, layers: int, pairs: list[tuple[int, int]],
                timing: Timing) -> list[dict[str, Any]]:
     """``pairs`` on the ``layers``-layer twin in ``timing.instances`` fresh engines, ``timing.repeats``
-    samples each up to 64K tokens (longer points once), KV filled by ``DecodeBenchConnector``."""
+    samples each up to ``REPEAT_MAX_CONTEXT`` tokens (longer points once), KV filled by ``DecodeBenchConnector``."""
     model = twin(name, layers)
-    points = [p for p in pairs for _ in range(timing.repeats if p[0] <= 65536 else 1)]
+    points = [p for p in pairs for _ in range(timing.repeats if p[0] <= REPEAT_MAX_CONTEXT else 1)]
     label = f"{name}-{layers}l-{config.split()[0].replace('=', '')}"
     log = timing.log_dir / f"{label}.log"
     print(f"[calibration] {label}: {sorted(set(points))}", flush=True)
@@ -116,23 +120,49 @@ def fit(profile: dict[str, Any], rows: list[dict[str, Any]], source: str) -> dic
     return section
 
 
-def machine_profile(name: str, machine: dict[str, Any], memory: dict[str, float], flops: dict[str, float],
-                    collectives: dict[str, Any], memory_total: float, date: str, line: str) -> dict[str, Any]:
-    """A CPU profile's sections from this machine's rates: one 'GPU' is one of two vLLM CPU workers."""
-    reduce = collectives["all_reduce"]
-    return {
+@dataclass(frozen=True)
+class MachineMeasurement:
+    """This machine's part of a CPU profile: the machine record, its profile name, and the rates measured."""
+
+    machine: dict[str, Any]
+    name: str
+    line: str
+    memory: dict[str, float]
+    flops: dict[str, float]
+    collectives: dict[str, Any]
+    profile: dict[str, Any]  # the profile's sections, before the ``calibration`` one
+
+
+def measure_machine(collectives: Collectives, date: str) -> MachineMeasurement:
+    """Time this machine's memory, matmuls and the workers' collective (``collectives``: vLLM's, handed in by
+    the caller) and lay them out as a profile: one 'GPU' is one of two vLLM CPU workers. ``vllm-helix
+    calibrate`` and ``measure_hardware.py`` measure a machine through this one function."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    machine = describe_machine()
+    name = profile_name(str(machine["cpu"]), int(machine["cores"]), machine.get("isa"))  # type: ignore[arg-type]
+    line = machine_line(machine)
+    print(f"measuring {line} (profile {name})", flush=True)
+    memory = machine_rates.measure_memory(7)
+    flops = {"fp32": machine_rates.measure_matmul(torch.float32, 2048, 7),
+             "bf16": machine_rates.measure_matmul(torch.bfloat16, 1024, 7)}
+    shm = machine_rates.measure_collectives(collectives, 200)
+    reduce = shm["all_reduce"]
+    profile = {
         "name": name,
         "description": f"{line}, two vLLM CPU workers, measured and calibrated {date}",
         "measured": True,
         "platform": f"cpu:{machine['cores']}",
         "machine": {"cpu": machine["cpu"], "amx": machine["amx"], "isa": machine.get("isa"), "cores": machine["cores"]},
-        "memory": {"capacity_gb": round(memory_total / 1e9, 2),
+        "memory": {"capacity_gb": round(machine_rates.memory_total_bytes() / 1e9, 2),
                    "bandwidth_gb_s": round(memory["copy_bytes_per_s"] / 1e9, 2)},
         "compute_tflops": {k: round(v / 1e12, 5) for k, v in flops.items()},
         "scale_up": {"bandwidth_gb_s": round(reduce["bandwidth_bytes_per_s"] / 1e9, 3),
                      "latency_us": round(reduce["latency_s"] * 1e6, 1), "gpus_per_domain": 2},
         "power": {"tdp_w": 9},
     }
+    return MachineMeasurement(machine, name, line, memory, flops, shm, profile)
 
 
 def write_profile(path: Path, profile: dict[str, Any], memory: dict[str, float], transport: str, tool: str,
