@@ -19,7 +19,6 @@ Writes ``benchmarks/results/multi_node.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import statistics
@@ -29,7 +28,7 @@ from typing import Any
 
 from vllm_helix.twins import benchmark_twin
 from vllm_helix.config import HelixConfig
-from vllm_helix.harness.machine import describe_machine, machine_sentence
+from vllm_helix.harness.machine import machine_sentence
 from vllm_helix.harness.nodes import node_env, served_across_nodes
 from vllm_helix.harness.results_page import render_page, stamped, write_page
 from vllm_helix.harness.server import Server, bench_serve, cpu_env, vllm_helix_command
@@ -73,7 +72,7 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Helix across two loopback nodes against one node",
         "",
-        f"{payload['machine_sentence']} Twin `{payload['twin']}` ({payload['layers']} layers), Helix "
+        f"{machine_sentence(payload['machine'], payload['date'])} Twin `{payload['twin']}` ({payload['layers']} layers), Helix "
         f"`{payload['helix']}`, `vllm bench serve` with {payload['prompts']} random prompts of "
         f"{payload['input_len']} tokens, {payload['output_len']} output tokens, one at a time; {len(payload['pairs'])} "
         "pairs, one node then two nodes in each.",
@@ -132,12 +131,11 @@ def main() -> None:
                 if pair[key]["failed"]:
                     raise SystemExit(f"{pair[key]['failed']} requests failed on {nodes} node(s)")
             pairs.append(pair)
-    machine, date = describe_machine(), datetime.date.today().isoformat()
-    payload = {"machine_sentence": machine_sentence(machine, date), "twin": args.twin, "layers": layers, "helix": HELIX.to_cli(), "prompts": args.prompts,
+    payload = {"twin": args.twin, "layers": layers, "helix": HELIX.to_cli(), "prompts": args.prompts,
                "input_len": args.input_len, "output_len": args.output_len, "node_binding": [
                    node_env(HELIX, 2, rank)["VLLM_CPU_OMP_THREADS_BIND"] for rank in range(2)],
                "pairs": pairs, "summary": summarise(pairs)}
-    print(write_page(RESULTS, "multi_node", stamped(payload, machine), markdown))
+    print(write_page(RESULTS, "multi_node", stamped(payload), markdown))
 
 
 if __name__ == "__main__":

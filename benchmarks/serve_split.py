@@ -18,7 +18,6 @@ Writes ``benchmarks/results/serve_split.{json,md}``. Needs ``vllm-router``
 from __future__ import annotations
 
 import argparse
-import datetime
 import random
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 from vllm_helix.twins import benchmark_twin
 from vllm_helix.config import HelixConfig
-from vllm_helix.harness.machine import describe_machine, machine_sentence
+from vllm_helix.harness.machine import machine_sentence
 from vllm_helix.harness.server import EXACT_ROPE_FLAGS
 from vllm_helix.harness.results_page import stamped, write_page
 from vllm_helix.harness.split import check_split
@@ -46,7 +45,7 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Served prefill/decode split: plain prefill, Helix decode, vllm-router",
         "",
-        f"{payload['machine_sentence']} Commands: `{payload['commands']['prefill']}`; "
+        f"{machine_sentence(payload['machine'], payload['date'])} Commands: `{payload['commands']['prefill']}`; "
         f"`{payload['commands']['decode']}`; `{payload['commands']['router']}` "
         "(the model, store and ports filled in per twin; the harness adds `--dtype float32`, the baseline "
         "attention backend, `--enforce-eager`, `--max-model-len 2048` and PyTorch's rotary).",
@@ -97,15 +96,13 @@ def main() -> None:
         print(f"  identical {record['identical_tokens']}/{record['prompts']}, max logprob diff "
               f"{record['max_logprob_diff']:.1e}, bench failed {record['bench']['failed']}", flush=True)
         records.append(record)
-    machine, date = describe_machine(), datetime.date.today().isoformat()
     payload = {
-        "machine_sentence": machine_sentence(machine, date),
         "commands": {"prefill": "vllm-helix serve MODEL --helix off --kv-transfer-config PRODUCER_JSON",
                      "decode": f"vllm-helix serve MODEL --helix {helix.to_cli()} --kv-transfer-config CONSUMER_JSON",
                      "router": "vllm-router --vllm-pd-disaggregation --prefill PREFILL_URL --decode DECODE_URL"},
         "records": records,
     }
-    print(write_page(RESULTS, "serve_split", stamped(payload, machine), markdown))
+    print(write_page(RESULTS, "serve_split", stamped(payload), markdown))
 
 
 if __name__ == "__main__":

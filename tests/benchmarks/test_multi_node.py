@@ -23,7 +23,8 @@ def test_the_committed_page_and_summary_come_from_the_committed_pairs() -> None:
 def test_the_verdict_names_a_cost_only_when_every_pair_agrees_on_its_sign() -> None:
     pair = {"one": {"tpot_ms": 10.0, "routes": ["shared-memory all-gather"]},
             "two": {"tpot_ms": 12.0, "routes": ["all-to-all over gloo"]}}
-    payload = {"machine_sentence": "Machine: test.", "twin": "t", "layers": 2, "helix": "kvp=2", "prompts": 1,
+    payload = {"date": "2026-01-01", "machine": {"cpu": "test", "amx": False, "cores": 2, "python": "3", "versions": {}},
+               "twin": "t", "layers": 2, "helix": "kvp=2", "prompts": 1,
                "input_len": 8, "output_len": 4, "pairs": [pair, pair]}
     payload["summary"] = bench.summarise(payload["pairs"])
     page = bench.markdown(payload)

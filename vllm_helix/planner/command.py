@@ -170,11 +170,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     hardware.flop_rate(precision.compute)  # fail early on e.g. fp4 on H100
     work = Workload(parse_tokens(args.context), precision, memory_utilization=args.gpu_memory_utilization)
     warnings = [w for w in (context_warning(model, work.context), machine_warning(hardware)) if w]
-    if precision.kv != model.kv_cache_dtype and "helix" in args.strategies and not args.helix:
-        warnings.append(f"KV cache priced as {precision.kv}: Helix serves only the model's {model.kv_cache_dtype}, "
-                        "so only baselines are recommended; drop --kv-dtype to compare Helix")
     ttl_budget = _ttl_budget(args.ttl_ms)
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    if precision.kv != model.kv_cache_dtype and "helix" in strategies and not args.helix:
+        warnings.append(f"KV cache priced as {precision.kv}: Helix serves only the model's {model.kv_cache_dtype}, "
+                        "so only baselines are recommended; drop --kv-dtype to compare Helix")
     batches = None
     if args.batch:
         try:
